@@ -1,0 +1,327 @@
+"""Checkpoint I/O: Meta consolidated.pth, sharded safetensors with SHA256SUMS, HF LLaMA import.
+
+The on-disk layout this project writes (a "model dir"):
+
+    params.json                         ModelArgs
+    model.safetensors                   or model-00001-of-0000N.safetensors + index json
+    model.safetensors.index.json        {"metadata": {"total_size": ...}, "weight_map": {...}}
+    SHA256SUMS                          sha256sum format, every file above
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.args import ModelArgs
+from model.integrity import (
+    ChecksumError,
+    atomic_path,
+    atomic_write_text,
+    verify_sha256sums,
+    write_sha256sums,
+)
+from model.transformer import Transformer
+
+META_IGNORED_KEYS = frozenset({"rope.freqs"})
+PARAMS_FILE = "params.json"
+SAFETENSORS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+__all__ = [
+    "ChecksumError",
+    "build_model",
+    "convert_hf_llama",
+    "load_meta_checkpoint",
+    "load_model_dir",
+    "load_state_dict_strict",
+    "save_model_dir",
+    "save_safetensors",
+    "load_safetensors",
+]
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def find_meta_weights(ckpt_dir: Path) -> Path:
+    """Meta ships `consolidated.pth` (MTP release) or `consolidated.00.pth` (llama releases)."""
+    candidates = sorted(ckpt_dir.glob("consolidated*.pth"))
+    if not candidates:
+        raise FileNotFoundError(f"no consolidated*.pth in {ckpt_dir}")
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise ValueError(
+            f"{ckpt_dir} holds {len(candidates)} model-parallel shards ({names}); "
+            "merge them first: only single-file checkpoints are supported"
+        )
+    return candidates[0]
+
+
+def load_meta_checkpoint(
+    ckpt_dir: str | Path, dtype: torch.dtype | None = None, mmap: bool = True, **arg_overrides
+) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Reads params.json and consolidated.pth (memory-mapped) from a Meta checkpoint dir.
+
+    `rope.freqs` is dropped. A params.json `vocab_size` of -1 is taken from tokenizer.model.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    params = json.loads((ckpt_dir / PARAMS_FILE).read_text())
+    if params.get("vocab_size", -1) <= 0 and "vocab_size" not in arg_overrides:
+        from model.tokenizer import Tokenizer
+
+        arg_overrides["vocab_size"] = Tokenizer(ckpt_dir / "tokenizer.model").n_words
+    args = ModelArgs.from_dict(params, **arg_overrides)
+    state = torch.load(
+        find_meta_weights(ckpt_dir), map_location="cpu", mmap=mmap, weights_only=True
+    )
+    state = {k: v for k, v in state.items() if k not in META_IGNORED_KEYS}
+    return args, _cast(state, dtype)
+
+
+def load_state_dict_strict(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict=True, assign=True) with a readable list of what did not match."""
+    expected, given = set(model.state_dict()), set(state) - META_IGNORED_KEYS
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint does not fit the model: {len(missing)} missing keys {missing[:8]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}"
+        )
+    for name, tensor in model.state_dict().items():
+        if tensor.shape != state[name].shape:
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, "
+                f"model expects {tuple(tensor.shape)}"
+            )
+    model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+
+
+def build_model(
+    args: ModelArgs,
+    state: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Builds a Transformer without a throw-away random init, then loads `state` into it."""
+    if state is None:
+        model = Transformer(args).to(device=device, dtype=dtype)
+        model.init_weights()
+        return model
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_state_dict_strict(model, state)
+    return model.to(device=device, dtype=dtype)
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_safetensors(
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Writes `state` as one or more safetensors files (atomically) plus the index json.
+
+    Only one shard's tensors are materialised at a time, so memory-mapped inputs stream through.
+    Returns the file names written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = _shards(state, max_shard_bytes)
+    names = (
+        [SAFETENSORS_FILE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+    weight_map = {}
+    for filename, keys in zip(names, groups, strict=True):
+        tensors = {k: state[k].detach().contiguous().clone() for k in keys}
+        with atomic_path(out_dir / filename) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        weight_map.update(dict.fromkeys(keys, filename))
+        del tensors
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(out_dir / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [*names, INDEX_FILE]
+
+
+def _safetensors_files(model_dir: Path) -> list[str]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (model_dir / SAFETENSORS_FILE).is_file():
+        return [SAFETENSORS_FILE]
+    raise FileNotFoundError(f"no {INDEX_FILE} or {SAFETENSORS_FILE} in {model_dir}")
+
+
+def load_safetensors(
+    model_dir: str | Path, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    model_dir = Path(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    for filename in _safetensors_files(model_dir):
+        with safe_open(str(model_dir / filename), framework="pt", device=device) as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                state[key] = f.get_tensor(key)
+    return _cast(state, dtype)
+
+
+def save_model_dir(
+    out_dir: str | Path,
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """params.json + safetensors + SHA256SUMS. Returns every file written (SHA256SUMS last)."""
+    out_dir = Path(out_dir)
+    files = save_safetensors(state, out_dir, max_shard_bytes, metadata)
+    atomic_write_text(out_dir / PARAMS_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
+    files.append(PARAMS_FILE)
+    write_sha256sums(out_dir, files)
+    return [*files, "SHA256SUMS"]
+
+
+def load_model_dir(
+    model_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    verify: bool = True,
+) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Reads a model dir written by `save_model_dir`, checking SHA256SUMS first when `verify`."""
+    model_dir = Path(model_dir)
+    if verify:
+        verify_sha256sums(model_dir)
+    args = ModelArgs.from_params_json(model_dir / PARAMS_FILE)
+    return args, load_safetensors(model_dir, dtype=dtype, device=device)
+
+
+# --- Hugging Face LLaMA import -------------------------------------------------------------
+
+_HF_LAYER_KEYS = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_HF_TOP_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_config_to_args(config: dict) -> ModelArgs:
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json model_type={config['model_type']!r}: only 'llama' converts")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json rope scaling {rope!r} is not supported (only 'default')")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise ValueError(f"config.json {key}=true is not supported: LLaMA has no biases")
+    n_heads = config["num_attention_heads"]
+    if config.get("head_dim", config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
+        raise ValueError(f"config.json head_dim={config['head_dim']} != hidden_size/heads")
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    return ModelArgs(
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        vocab_size=config["vocab_size"],
+        ffn_hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        n_future_tokens=1,
+        max_seq_len=config.get("max_position_embeddings", 2048),
+    )
+
+
+def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undoes HF's q/k permutation (rotate-half layout back to Meta's interleaved pairs)."""
+    out_dim, in_dim = weight.shape
+    return (
+        weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim)
+        .transpose(1, 2)
+        .reshape(out_dim, in_dim)
+    )
+
+
+def _hf_weight_files(hf_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [hf_dir / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / single).is_file():
+            return [hf_dir / single]
+    raise FileNotFoundError(f"no HF weights (*.safetensors / pytorch_model*.bin) in {hf_dir}")
+
+
+def _iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118
+                    yield key, f.get_tensor(key)
+        else:
+            yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
+
+
+def convert_hf_llama(
+    hf_dir: str | Path, dtype: torch.dtype | None = None
+) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Converts a HF LlamaForCausalLM checkpoint dir into (ModelArgs, Meta-named state dict)."""
+    hf_dir = Path(hf_dir)
+    args = hf_config_to_args(json.loads((hf_dir / "config.json").read_text()))
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in _iter_hf_tensors(_hf_weight_files(hf_dir)):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key in _HF_TOP_KEYS:
+            state[_HF_TOP_KEYS[key]] = tensor
+            continue
+        match = _HF_LAYER_RE.match(key)
+        if not match or match.group(2) not in _HF_LAYER_KEYS:
+            raise KeyError(f"unexpected tensor {key!r} in HF checkpoint {hf_dir}")
+        layer, suffix = match.groups()
+        if suffix == "self_attn.q_proj.weight":
+            tensor = unpermute_rotary(tensor, args.n_heads)
+        elif suffix == "self_attn.k_proj.weight":
+            tensor = unpermute_rotary(tensor, args.kv_heads)
+        state[f"layers.{layer}.{_HF_LAYER_KEYS[suffix]}"] = tensor
+    if "output.weight" not in state:  # tie_word_embeddings
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return args, _cast(state, dtype)

@@ -1,0 +1,67 @@
+"""SentencePiece tokenizer wrapper (LLaMA's 32000-piece model or the micro models' own)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from sentencepiece import SentencePieceProcessor
+
+
+class Tokenizer:
+    """Encodes and decodes text; `pad_id` falls back to eos when the model has no pad piece."""
+
+    def __init__(self, model_path: str | Path):
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        self.model_path = model_path
+        self.sp = SentencePieceProcessor(model_file=str(model_path))
+        self.n_words: int = self.sp.vocab_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        sp_pad = self.sp.pad_id()
+        self.pad_id: int = sp_pad if sp_pad >= 0 else self.eos_id
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        bos: bool = False,
+        eos: bool = False,
+        max_length: int | None = None,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (bsz, longest) padded with `pad_id`, and a bool mask of real tokens.
+
+        Sequences longer than `max_length` are truncated from the right.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}: must be 'left' or 'right'")
+        encoded = [self.encode(t, bos=bos, eos=eos)[:max_length] for t in texts]
+        longest = max((len(ids) for ids in encoded), default=0)
+        tokens = torch.full((len(encoded), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), longest), dtype=torch.bool)
+        for row, ids in enumerate(encoded):
+            span = (
+                slice(0, len(ids)) if padding_side == "right" else slice(longest - len(ids), None)
+            )
+            tokens[row, span] = torch.tensor(ids, dtype=torch.long)
+            mask[row, span] = True
+        return tokens, mask
+
+    def sha256(self) -> str:
+        """Content hash of the model file: two tokenizers are identical iff these agree."""
+        from model.integrity import sha256_file
+
+        return sha256_file(self.model_path)
