@@ -1,0 +1,26 @@
+"""Token weighting for weighted MTP: baseline, rho1-wmtp and critic-wmtp."""
+
+from weighting.critic import CriticConfig, ValueHead, gae, td_errors, terminal_rewards, value_loss
+from weighting.heads import align_to_heads
+from weighting.inputs import WeightingInputs
+from weighting.normalize import NormalizeConfig, normalize_per_head, normalize_scores
+from weighting.registry import WEIGHTERS, get_weighter
+from weighting.stats import scalar_stats, weight_stats
+
+__all__ = [
+    "WEIGHTERS",
+    "CriticConfig",
+    "NormalizeConfig",
+    "ValueHead",
+    "WeightingInputs",
+    "align_to_heads",
+    "gae",
+    "get_weighter",
+    "normalize_per_head",
+    "normalize_scores",
+    "scalar_stats",
+    "td_errors",
+    "terminal_rewards",
+    "value_loss",
+    "weight_stats",
+]
