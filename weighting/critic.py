@@ -56,13 +56,15 @@ def episode_ends(valid: torch.Tensor) -> torch.Tensor:
 def terminal_rewards(
     valid: torch.Tensor, is_correct: torch.Tensor, config: CriticConfig
 ) -> torch.Tensor:
-    """Token rewards (bsz, seq): the sequence reward at each episode's last valid token."""
-    seq_reward = torch.where(
-        is_correct.bool(),
-        torch.tensor(config.reward_correct),
-        torch.tensor(config.reward_incorrect),
-    ).to(valid.device)
-    return episode_ends(valid).float() * seq_reward[:, None]
+    """Token rewards (bsz, seq): the sequence reward at each episode's last valid token.
+
+    `is_correct` is per row (bsz,) or per token (bsz, seq) for packed rows.
+    """
+    correct = is_correct.bool().to(valid.device)
+    if correct.dim() == 1:
+        correct = correct[:, None].expand_as(valid)
+    reward = torch.where(correct, config.reward_correct, config.reward_incorrect)
+    return episode_ends(valid).float() * reward
 
 
 def td_errors(

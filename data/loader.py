@@ -1,0 +1,165 @@
+"""The training loader: packed (or padded) rows with per-head shifted labels and a resumable cursor.
+
+Order: a permutation of the samples drawn from (seed, epoch), so any rank and any resumed run
+sees the same sequence. Rows are filled greedily in that order; a sample that does not fit the
+rest of a row starts the next one (samples are never split; one longer than seq_len is cut).
+Each global step takes world_size × batch_size rows; rank r keeps its own slice.
+
+Labels: position t of head k targets the token t+k+1 of the same sample, and only when that
+token is part of the response (response + eos): prompts, padding and other samples never are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.tokenized import TokenizedSplit
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    seq_len: int = 2048
+    batch_size: int = 1
+    n_heads: int = 4
+    pack: bool = True
+    seed: int = 42
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size", "n_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key}={getattr(self, key)!r} is invalid: must be >= 1")
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L, H) long, IGNORE_INDEX where no loss
+    segment_ids: torch.Tensor  # (B, L) long: index of the sample within its row, -1 on padding
+    token_is_correct: torch.Tensor  # (B, L) bool: is_correct of the sample each token belongs to
+    sample_ids: list[list[str]]  # per row, in segment order
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, L, H) bool: where head k at position t has a target."""
+        return self.labels != IGNORE_INDEX
+
+    @property
+    def n_target_tokens(self) -> int:
+        return int(self.valid.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.tokens.to(device), self.labels.to(device), self.segment_ids.to(device),
+                     self.token_is_correct.to(device), self.sample_ids)  # fmt: skip
+
+
+def head_labels(sample: np.ndarray, prompt_len: int, n_heads: int) -> np.ndarray:
+    """(len, n_heads) targets of one sample: sample[t+k+1] where that token is a response token."""
+    n = len(sample)
+    labels = np.full((n, n_heads), IGNORE_INDEX, dtype=np.int64)
+    for k in range(n_heads):
+        src = np.arange(n) + k + 1
+        ok = (src < n) & (src >= prompt_len)
+        labels[ok, k] = sample[src[ok]]
+    return labels
+
+
+class TrainLoader:
+    """Infinite iterator of Batches with `state_dict()` / `load_state_dict()` for exact resume."""
+
+    def __init__(
+        self, data: TokenizedSplit, config: LoaderConfig, rank: int = 0, world_size: int = 1
+    ):
+        if len(data) == 0:
+            raise ValueError("the training split is empty")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.data, self.config, self.rank, self.world_size = data, config, rank, world_size
+        self.epoch, self.offset, self.step = 0, 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.data))
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "step": self.step,
+            "seed": self.config.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.config.seed) != self.config.seed:
+            raise ValueError(
+                f"loader state was saved with seed {state['seed']}, config has {self.config.seed}"
+            )
+        self.epoch, self.offset, self.step = state["epoch"], state["offset"], state["step"]
+        self._order = self._permutation(self.epoch)
+
+    def _next_sample(self) -> int:
+        if self.offset >= len(self._order):
+            self.epoch += 1
+            self.offset = 0
+            self._order = self._permutation(self.epoch)
+        index = int(self._order[self.offset])
+        self.offset += 1
+        return index
+
+    def _peek_length(self) -> int:
+        if self.offset >= len(self._order):
+            return int(self.data.lengths[self._permutation(self.epoch + 1)[0]])
+        return int(self.data.lengths[self._order[self.offset]])
+
+    def _row(self) -> list[int]:
+        """Sample indices of one row."""
+        row = [self._next_sample()]
+        used = min(int(self.data.lengths[row[0]]), self.config.seq_len)
+        while self.config.pack and used + self._peek_length() <= self.config.seq_len:
+            index = self._next_sample()
+            row.append(index)
+            used += int(self.data.lengths[index])
+        return row
+
+    def _collate(self, rows: list[list[int]]) -> Batch:
+        cfg = self.config
+        width = (
+            cfg.seq_len
+            if cfg.pack
+            else max(min(sum(self.data.lengths[r]), cfg.seq_len) for r in rows)
+        )
+        tokens = np.full((len(rows), width), cfg.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), width, cfg.n_heads), IGNORE_INDEX, dtype=np.int64)
+        segments = np.full((len(rows), width), -1, dtype=np.int64)
+        correct = np.zeros((len(rows), width), dtype=bool)
+        for b, row in enumerate(rows):
+            pos = 0
+            for seg, index in enumerate(row):
+                sample = self.data.sample(index)[: width - pos]
+                end = pos + len(sample)
+                tokens[b, pos:end] = sample
+                labels[b, pos:end] = head_labels(
+                    sample, int(self.data.prompt_lens[index]), cfg.n_heads
+                )
+                segments[b, pos:end] = seg
+                correct[b, pos:end] = self.data.is_correct[index]
+                pos = end
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(segments),
+                     torch.from_numpy(correct),
+                     [[self.data.sample_ids[i] for i in row] for row in rows])  # fmt: skip
+
+    def next_batch(self) -> Batch:
+        rows = [self._row() for _ in range(self.world_size * self.config.batch_size)]
+        mine = rows[self.rank * self.config.batch_size : (self.rank + 1) * self.config.batch_size]
+        self.step += 1
+        return self._collate(mine)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
