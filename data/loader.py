@@ -2,8 +2,10 @@
 
 Order: a permutation of the samples drawn from (seed, epoch), so any rank and any resumed run
 sees the same sequence. Rows are filled greedily in that order; a sample that does not fit the
-rest of a row starts the next one (samples are never split; one longer than seq_len is cut).
-Each global step takes world_size × batch_size rows; rank r keeps its own slice.
+rest of a row starts the next one (samples are never split).
+Each global step takes world_size × batch_size rows; rank r keeps its own slice. Samples longer
+than seq_len are left out (cutting them would drop the response, the only part with a loss);
+`n_skipped` says how many, and a split where none fits is an error.
 
 Labels: position t of head k targets the token t+k+1 of the same sample, and only when that
 token is part of the response (response + eos): prompts, padding and other samples never are.
@@ -81,11 +83,19 @@ class TrainLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data, self.config, self.rank, self.world_size = data, config, rank, world_size
+        self.eligible = np.flatnonzero(data.lengths <= config.seq_len)
+        self.n_skipped = len(data) - len(self.eligible)
+        if len(self.eligible) == 0:
+            raise ValueError(
+                f"no sample fits data.seq_len={config.seq_len} (shortest has {data.lengths.min()} tokens)"
+            )
         self.epoch, self.offset, self.step = 0, 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.data))
+        return self.eligible[
+            np.random.default_rng([self.config.seed, epoch]).permutation(len(self.eligible))
+        ]
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -120,7 +130,7 @@ class TrainLoader:
     def _row(self) -> list[int]:
         """Sample indices of one row."""
         row = [self._next_sample()]
-        used = min(int(self.data.lengths[row[0]]), self.config.seq_len)
+        used = int(self.data.lengths[row[0]])
         while self.config.pack and used + self._peek_length() <= self.config.seq_len:
             index = self._next_sample()
             row.append(index)
@@ -141,7 +151,7 @@ class TrainLoader:
         for b, row in enumerate(rows):
             pos = 0
             for seg, index in enumerate(row):
-                sample = self.data.sample(index)[: width - pos]
+                sample = self.data.sample(index)
                 end = pos + len(sample)
                 tokens[b, pos:end] = sample
                 labels[b, pos:end] = head_labels(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -65,3 +65,37 @@ class Tokenizer:
         from model.integrity import sha256_file
 
         return sha256_file(self.model_path)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    model_prefix: str | Path,
+    vocab_size: int = 8000,
+    max_chunk_chars: int = 2000,
+) -> Path:
+    """Trains a LLaMA-style BPE sentencepiece model on code (whitespace kept verbatim).
+
+    Identity normalisation and no whitespace folding keep indentation exact; newlines and tabs
+    are their own pieces; byte fallback covers anything unseen. bos=1, eos=2, unk=0, no pad
+    piece (as LLaMA). Returns the path of the .model file.
+    """
+    from sentencepiece import SentencePieceTrainer
+
+    def chunks() -> Iterator[str]:
+        for text in texts:
+            for start in range(0, len(text), max_chunk_chars):
+                piece = text[start : start + max_chunk_chars]
+                if piece.strip():
+                    yield piece
+
+    model_prefix = Path(model_prefix)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    SentencePieceTrainer.train(
+        sentence_iterator=chunks(), model_prefix=str(model_prefix), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n", "\t"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=max_chunk_chars * 4,
+        num_threads=1, minloglevel=2, hard_vocab_limit=False,  # one thread: reproducible
+    )  # fmt: skip
+    return model_prefix.with_suffix(".model")

@@ -272,9 +272,17 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         cache: list[KVCache] | None = None,
         n_heads: int | None = None,
+        return_trunk: bool = False,
     ) -> torch.Tensor:
-        """Float logits of the first `n_heads` heads (all by default): (bsz, seq, n_heads, vocab)."""
-        n_heads = self.n_future_tokens if n_heads is None else n_heads
+        """Float logits of the first `n_heads` heads (all by default): (bsz, seq, n_heads, vocab).
+
+        With `return_trunk=True` it returns the trunk's hidden state instead, for callers that
+        run the heads one at a time with `head_hidden`/`head_logits` (a call of the module itself,
+        so wrappers such as FSDP see the forward).
+        """
         h_trunk = self.trunk(tokens, start_pos, cache)
+        if return_trunk:
+            return h_trunk
+        n_heads = self.n_future_tokens if n_heads is None else n_heads
         logits = [self.head_logits(h_trunk, k, start_pos, cache) for k in range(n_heads)]
         return torch.stack(logits, dim=-2).float()

@@ -40,7 +40,7 @@ def reference_next_token_ce(
     The last position has no target and is NaN. Logits are built `chunk_size` positions at a
     time so a 32000-word vocabulary never needs (bsz, seq, vocab) floats at once.
     """
-    hidden = reference.head_hidden(reference.trunk(tokens), 0)
+    hidden = reference.head_hidden(reference(tokens, return_trunk=True), 0)
     bsz, seq = tokens.shape
     ce = torch.full((bsz, seq), float("nan"), device=tokens.device)
     for start in range(0, seq - 1, chunk_size):

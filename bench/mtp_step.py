@@ -1,0 +1,107 @@
+"""Training-step throughput and peak memory: MTP (4 heads) vs next-token, sequential vs naive loss.
+
+    python -m bench.mtp_step [--dim 512 --layers 8 --vocab 32000 --seq 1024 --batch 2 --steps 5]
+
+Each variant runs in its own process (so peak memory is its own): CUDA peak allocated memory
+on a GPU, peak RSS on the CPU. Variants:
+  ntp-naive       next-token step of the same model: head 0 only, full logits
+  mtp-naive       4 heads, all heads' full logits alive, one backward
+  mtp-sequential  4 heads, one head at a time, CE chunked over the sequence (training/loss.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from data.loader import IGNORE_INDEX
+from model import ModelArgs, Transformer
+from training.loss import naive_mtp_loss, sequential_mtp_backward
+
+VARIANTS = ("ntp-naive", "mtp-naive", "mtp-sequential")
+
+
+def run_variant(variant: str, a: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    args = ModelArgs(
+        dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64, vocab_size=a.vocab, n_future_tokens=4
+    )
+    model = Transformer(args).to(device)
+    model.init_weights(seed=0)
+    dtype = torch.bfloat16
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq), device=device)
+    labels = torch.stack([torch.roll(tokens, -k - 1, dims=1) for k in range(4)], dim=-1)
+    for k in range(4):
+        labels[:, a.seq - k - 1 :, k] = IGNORE_INDEX
+    lam = [1.0, 0.0, 0.0, 0.0] if variant == "ntp-naive" else [1.0] * 4
+    denominators = [float((labels[..., k] != IGNORE_INDEX).sum()) for k in range(4)]
+    weights = (labels != IGNORE_INDEX).float()
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype)
+
+    def step():
+        if variant == "mtp-sequential":
+            sequential_mtp_backward(model, tokens, labels, lam, lambda k, _: weights[..., k], denominators,
+                                    chunk=a.chunk, autocast=autocast)  # fmt: skip
+        elif variant == "mtp-naive":
+            with autocast():
+                loss = naive_mtp_loss(model, tokens, labels, lam, weights, denominators)
+            loss.backward()
+        else:
+            with autocast():
+                logits = model.head_logits(model(tokens, return_trunk=True), 0).float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), labels[..., 0].flatten(), ignore_index=IGNORE_INDEX
+                )
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / a.steps
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    return {"variant": variant, "device": device.type, "tokens_per_s": round(a.batch * a.seq / seconds),
+            "step_s": round(seconds, 3), "peak_mib": round(peak / 2**20)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    a = parser.parse_args()
+    if a.variant:
+        print(json.dumps(run_variant(a.variant, a)))
+        return
+    passthrough = sys.argv[1:]
+    rows = []
+    for variant in VARIANTS:
+        out = subprocess.run([sys.executable, "-m", "bench.mtp_step", "--variant", variant, *passthrough],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(json.dumps({"config": vars(a), "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared run-time plumbing: config/recipe validation, environment config, MLflow tracking."""

@@ -1,0 +1,123 @@
+"""Environment config (recipes/config.yaml): where things live and which services to use.
+
+Recipes say *what* to train; this file says *where*: storage root, S3 mirror, hub, MLflow
+tracking, launcher, hardware peak. Environment variables override the file (see ENV_OVERRIDES);
+secrets (AWS keys, HF_TOKEN) are read from the environment only and never stored here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from runtime.schema import apply_overrides, build, key, load_yaml, require
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "config.yaml"
+
+
+@dataclass
+class StorageConfig:
+    root: str = "storage"
+    cache_dir: str = ".cache"
+
+
+@dataclass
+class S3Config:
+    bucket: str | None = None
+    prefix: str = "wmtp"
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    upload: bool = False
+
+
+@dataclass
+class HubConfig:
+    base_url: str = "https://huggingface.co"
+    revision: str = "main"
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    enabled: bool = True
+
+
+@dataclass
+class VesslConfig:
+    organization: str | None = None
+    project: str = "wmtp"
+    cluster: str = "default"
+    preset: str = "gpu-a100-8"
+    image: str = "wmtp:latest"
+
+
+@dataclass
+class LauncherConfig:
+    target: Literal["local", "vessl"] = "local"
+    nnodes: int = 1
+    nproc_per_node: int = 8
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    rdzv_backend: Literal["static", "c10d"] = "static"
+    rdzv_id: str = "wmtp"
+    vessl: VesslConfig = field(default_factory=VesslConfig)
+
+    def validate(self, where: str) -> None:
+        require(self.nnodes >= 1, key(where, "nnodes"), self.nnodes, "must be >= 1")
+        require(
+            self.nproc_per_node >= 1,
+            key(where, "nproc_per_node"),
+            self.nproc_per_node,
+            "must be >= 1",
+        )
+        require(
+            0 <= self.node_rank < self.nnodes,
+            key(where, "node_rank"),
+            self.node_rank,
+            "must be in [0, nnodes)",
+        )
+
+
+@dataclass
+class HardwareConfig:
+    peak_tflops: float = 312.0  # A100 bf16 dense; used for the MFU estimate
+
+
+@dataclass
+class EnvConfig:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    hub: HubConfig = field(default_factory=HubConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+ENV_OVERRIDES = {
+    "WMTP_STORAGE_ROOT": "storage.root",
+    "WMTP_CACHE_DIR": "storage.cache_dir",
+    "WMTP_S3_BUCKET": "s3.bucket",
+    "WMTP_S3_PREFIX": "s3.prefix",
+    "WMTP_S3_ENDPOINT_URL": "s3.endpoint_url",
+    "WMTP_HUB_URL": "hub.base_url",
+    "MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+    "WMTP_LAUNCHER_TARGET": "launcher.target",
+}
+
+
+def load_env_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> EnvConfig:
+    """config.yaml (default: recipes/config.yaml if present), then env vars, then overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    data = load_yaml(path) if path.is_file() or path != DEFAULT_CONFIG else {}
+    env = [
+        f"{dotted}={os.environ[var]}"
+        for var, dotted in ENV_OVERRIDES.items()
+        if os.environ.get(var)
+    ]
+    data = apply_overrides(data, env + list(overrides or []))
+    return build(EnvConfig, data)

@@ -1,0 +1,309 @@
+"""train_wmtp.py end to end on micro assets: the loss, the algorithms, guards, resume, MLflow, FSDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from data.loader import IGNORE_INDEX
+from model import ModelArgs, Transformer
+from runtime.schema import ConfigError
+from runtime.tracking import scrub
+from tests.conftest import REPO_ROOT
+from tests.micro_assets import build_micro_assets, env_config, history, write_recipe
+from train_wmtp import main as train_main
+from training.loss import naive_mtp_loss, sequential_mtp_backward
+from training.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory, mbpp_path):
+    root = tmp_path_factory.mktemp("micro")
+    assets = build_micro_assets(root, mbpp_path)
+    return root, assets, env_config(root / "config.yaml", root)
+
+
+def run_train(micro, algo, tmp_path, name="run", **sections):
+    root, assets, config = micro
+    recipe = write_recipe(tmp_path / f"{name}.yaml", assets, algo, tmp_path / name, **sections)
+    return train_main([str(recipe), "--config", str(config)]), tmp_path / name
+
+
+def step_losses(output):
+    return [h["loss"] for h in history(output) if h.get("stage") == "step"]
+
+
+# ---------------------------------------------------------------- the loss
+@pytest.mark.parametrize("needs_ce", [False, True], ids=["fixed-weights", "weights-from-base-ce"])
+def test_sequential_head_loss_equals_naive_loss_and_gradients(needs_ce):
+    torch.manual_seed(0)
+    args = ModelArgs(
+        dim=32,
+        n_layers=5,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=97,
+        multiple_of=16,
+        n_future_tokens=4,
+    )
+    model = Transformer(args)
+    model.init_weights(std=0.1, seed=0)
+    tokens = torch.randint(0, 97, (3, 40))
+    labels = torch.randint(0, 97, (3, 40, 4))
+    labels[torch.rand(3, 40, 4) < 0.3] = IGNORE_INDEX
+    fixed = torch.rand(3, 40, 4) * 2
+    lam = [1.0, 0.5, 0.25, 0.0]
+    denominators = [float((labels[..., k] != IGNORE_INDEX).sum()) + 7 for k in range(4)]
+
+    def weights_fn(k, base_ce):
+        w = fixed[..., k] if base_ce is None else (base_ce - 4.0).abs()
+        return w * (labels[..., k] != IGNORE_INDEX)
+
+    result = sequential_mtp_backward(
+        model, tokens, labels, lam, weights_fn, denominators, chunk=7, needs_base_ce=needs_ce
+    )
+    sequential = {
+        n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for n, p in model.named_parameters()
+    }
+    model.zero_grad()
+    weights = torch.stack(result.weights, dim=-1)
+    naive = naive_mtp_loss(model, tokens, labels, lam, weights, denominators)
+    naive.backward()
+    assert result.loss == pytest.approx(naive.item(), rel=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(sequential[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert sequential["extra_heads.2.attention.wq.weight"].abs().sum() == 0  # λ_3 = 0
+
+
+# ---------------------------------------------------------- recipe checks
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"train": {"lrr": 1}}, "unknown key 'train.lrr' (did you mean 'lr'?)"),
+        ({"weighting": {"algo": "rho1"}}, "weighting.algo='rho1' is invalid: allowed baseline, rho1-wmtp, critic-wmtp (did you mean 'rho1-wmtp'?)"),
+        ({"model": {"reference": None}}, "model.reference=None is invalid: rho1-wmtp needs a reference model"),
+        ({"train": {"lr": "fast"}}, "train.lr='fast' is invalid: expected a number"),
+        ({"weighting": {"max_weight": 0.5}}, "weighting.max_weight=0.5 is invalid"),
+        ({"checkpoint": {"resume": "sometimes"}}, "checkpoint.resume='sometimes' is invalid: allowed 'auto', 'never'"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_fail_with_one_clear_line(micro, tmp_path, edit, message, capsys):
+    root, assets, config = micro
+    path = write_recipe(tmp_path / "r.yaml", assets, "rho1-wmtp", tmp_path / "out", **edit)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_recipe(path)
+    assert message in str(err.value)
+    assert train_main([str(path), "--config", str(config)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("error: ") and "Traceback" not in err_text
+
+
+def test_next_token_base_model_is_rejected(micro, tmp_path, capsys):
+    root, assets, config = micro
+    code, _ = run_train(micro, "baseline", tmp_path, model={"base": str(assets["ref"])})
+    assert code == 2 and "the base must be an MTP model" in capsys.readouterr().err
+
+
+def test_overrides_on_the_command_line(micro, tmp_path):
+    root, assets, config = micro
+    path = write_recipe(tmp_path / "r.yaml", assets, "baseline", tmp_path / "out")
+    recipe = load_recipe(
+        path, ["train.lr=1e-4", "data.pack=false", "train.head_weights=[1, 0.5, 0.5, 0.25]"]
+    )
+    assert (
+        recipe.train.lr == 1e-4
+        and recipe.data.pack is False
+        and recipe.train.head_weights == [1, 0.5, 0.5, 0.25]
+    )
+
+
+# ------------------------------------------------------------ smoke runs
+@pytest.mark.parametrize("algo", ["baseline", "rho1-wmtp", "critic-wmtp"])
+def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo):
+    code, out = run_train(micro, algo, tmp_path, train={"max_steps": 100, "log_every": 50})
+    assert code == 0
+    steps = [h for h in history(out) if h.get("stage") == "step"]
+    assert len(steps) == 100
+    first = sum(h["ce_head0"] for h in steps[:10]) / 10
+    last = sum(h["ce_head0"] for h in steps[-10:]) / 10
+    assert last < first - 0.5, f"{algo}: head-0 CE {first:.3f} -> {last:.3f}"
+    assert all(abs(h["weight_mean"] - 1) < 1e-3 for h in steps)
+    if algo == "critic-wmtp":
+        stage1 = [h["stage1_value_loss"] for h in history(out) if h.get("stage") == "stage1"]
+        assert len(stage1) == 20 and stage1[-1] < stage1[0]
+    assert (out / "export" / "final" / "SHA256SUMS").is_file()
+
+
+# ------------------------------------------------------------------ guards
+def test_nan_injection_is_skipped_and_training_recovers(micro, tmp_path, capsys):
+    code, out = run_train(
+        micro, "baseline", tmp_path, train={"max_steps": 8}, faults={"nan_at_steps": [3]}
+    )
+    assert code == 0
+    steps = [h for h in history(out) if h.get("stage") == "step"]
+    assert len(steps) == 8 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    assert "[guard] non-finite loss/grad at step 4" in capsys.readouterr().out
+    assert steps[4]["lr"] < steps[2]["lr"] * 0.6  # LR halved after the skipped update
+    state = yaml.safe_load(
+        (out / "checkpoints" / "step_0000008" / "trainer_state.json").read_text()
+    )
+    assert state["guard"]["skipped_steps"] == 1
+
+
+def test_nan_beyond_retries_stops_with_a_failure_report(micro, tmp_path, capsys):
+    code, out = run_train(micro, "baseline", tmp_path, train={"max_steps": 8, "nan_max_retries": 0},
+                          faults={"nan_at_steps": [2]})  # fmt: skip
+    assert code == 3
+    report = _report(out)
+    assert "## What went wrong" in report and "1 consecutive non-finite steps" in report
+    assert "## Next action" in report and "train.lr=" in report
+    assert "next action:" in capsys.readouterr().out
+
+
+def _report(out):
+    return next(p for p in (out / "reports").glob("*.md")).read_text()
+
+
+def test_simulated_oom_single_process_shrinks_the_micro_batch(micro, tmp_path, capsys):
+    code, out = run_train(
+        micro, "baseline", tmp_path, train={"max_steps": 5}, faults={"oom_at_steps": [2]}
+    )
+    assert code == 0
+    assert "[oom] simulated out-of-memory at step 2" in capsys.readouterr().out
+    assert "micro-batch 2 -> 1, grad accumulation 1 -> 2" in (
+        capsys.readouterr().out or "micro-batch 2 -> 1, grad accumulation 1 -> 2"
+    )
+    assert (out / "reports" / "oom_step3.txt").is_file()
+    state = yaml.safe_load(
+        (out / "checkpoints" / "step_0000005" / "trainer_state.json").read_text()
+    )
+    assert state["micro_batch_size"] == 1
+
+
+def test_oom_that_cannot_shrink_exits_cleanly_with_advice(micro, tmp_path):
+    code, out = run_train(micro, "baseline", tmp_path, train={"max_steps": 5}, data={"micro_batch_size": 1},
+                          faults={"oom_at_steps": [1]})  # fmt: skip
+    assert code == 4
+    report = _report(out)
+    assert "out of memory at step 2 with micro-batch 1" in report
+    assert "train.activation_checkpointing=true" in report
+
+
+# ------------------------------------------------------------------ resume
+def test_resume_after_a_kill_gives_the_same_losses(micro, tmp_path):
+    root, assets, config = micro
+    sections = {"train": {"max_steps": 10}, "checkpoint": {"every_steps": 4}}
+    code, reference = run_train(micro, "rho1-wmtp", tmp_path, name="uninterrupted", **sections)
+    assert code == 0
+    recipe = write_recipe(
+        tmp_path / "killed.yaml",
+        assets,
+        "rho1-wmtp",
+        tmp_path / "killed",
+        faults={"kill_at_step": 6},
+        **sections,
+    )
+    cmd = [sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(recipe), "--config", str(config)]
+    killed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    resumed = subprocess.run(
+        [*cmd, "faults.kill_at_step=null"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[resume]" in resumed.stdout and "step 4" in resumed.stdout
+    assert step_losses(tmp_path / "killed") == step_losses(reference)
+
+
+# ------------------------------------------------------------------ MLflow
+def test_mlflow_run_contents(micro, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecret")
+    code, out = run_train(
+        micro,
+        "rho1-wmtp",
+        tmp_path,
+        train={"max_steps": 3},
+        tracking={"run_name": "hf_supersecret"},
+    )
+    assert code == 0
+    root, _, _ = micro
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mtp/rho1-wmtp/mbpp")
+    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])[0]
+    params = run.data.params
+    assert params["train.lr"] == "0.003" and params["weighting.algo"] == "rho1-wmtp"
+    assert len(params["data.hash"]) == 32 and params["model.n_future_tokens"] == "4"
+    assert "hf_supersecret" not in str(params) and params["tracking.run_name"] == "***"
+    metrics = run.data.metrics
+    for key in ("loss", "ce_head0", "ce_head3", "weight_mean", "weight_std", "weight_min", "weight_max",
+                "weight_clipped_fraction", "lr", "grad_norm", "tokens_per_s", "mfu"):  # fmt: skip
+        assert key in metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert (
+        f"reports/{run.info.run_id}.md" in artifacts
+        and f"reports/{run.info.run_id}_weights.svg" in artifacts
+    )
+    assert client.list_artifacts(run.info.run_id, "recipe")
+    report = (out / "reports" / f"{run.info.run_id}.md").read_text()
+    assert (
+        "## Sample weighted tokens" in report
+        and "## Recipe" in report
+        and "hf_supersecret" not in report
+    )
+
+
+def test_scrub_drops_secret_keys_and_values(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc123")
+    clean = scrub(
+        {"s3.secret_key": "x", "hub.token": "y", "a": "abc123", "data.max_tokens": 5, "b": 1}
+    )
+    assert clean == {"a": "***", "data.max_tokens": 5, "b": 1}
+
+
+# ------------------------------------------------------------- distributed
+@pytest.mark.dist
+def test_fsdp_two_ranks_match_single_process(micro, tmp_path):
+    root, assets, config = micro
+    common = {"train": {"max_steps": 4, "fsdp": "on"}, "checkpoint": {"every_steps": 2}}
+    dist_recipe = write_recipe(
+        tmp_path / "dist.yaml", assets, "baseline", tmp_path / "dist", **common
+    )
+    env = {**os.environ, "WMTP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29581",
+    ]
+    proc = subprocess.run([*torchrun, str(REPO_ROOT / "train_wmtp.py"), str(dist_recipe), "--config", str(config)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, single = run_train(micro, "baseline", tmp_path, name="single", train={"max_steps": 4, "fsdp": "off"},
+                             data={"micro_batch_size": 4})  # fmt: skip
+    assert code == 0
+    assert step_losses(tmp_path / "dist") == pytest.approx(step_losses(single), rel=1e-5)
+    assert (tmp_path / "dist" / "checkpoints" / "step_0000004" / "dcp").is_dir()
+    assert (tmp_path / "dist" / "export" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "name", ["baseline", "rho1", "critic", "micro-baseline", "micro-rho1", "micro-critic"]
+)
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
+    assert recipe.weighting.algo in ("baseline", "rho1-wmtp", "critic-wmtp")
+    assert (recipe.model.reference is not None) == (recipe.weighting.algo == "rho1-wmtp")

@@ -1,0 +1,73 @@
+"""torch.distributed set-up for torchrun (NCCL on CUDA, gloo on CPU) and small collective helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_pref: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; single process when they are absent.
+
+    The process-group timeout (WMTP_DIST_TIMEOUT_S, default 600 s) bounds how long healthy
+    ranks wait for a failed one.
+    """
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return DistInfo(device=device)
+    timeout = dt.timedelta(seconds=timeout_s or float(os.environ.get("WMTP_DIST_TIMEOUT_S", "600")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_true(flag: bool, info: DistInfo) -> bool:
+    """True only if every rank's flag is True."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,230 @@
+"""Training recipes (recipes/*.yaml) as validated dataclasses.
+
+Every key has a default here except the paths a run cannot guess; `load_recipe` reports the
+first bad key as `<section>.<key>=<value> is invalid: <what is allowed>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from runtime.schema import ConfigError, apply_overrides, build, key, load_yaml, require
+from weighting.critic import CriticConfig
+from weighting.normalize import NormalizeConfig
+
+ALGORITHMS = ("baseline", "rho1-wmtp", "critic-wmtp")
+
+
+@dataclass
+class RunSection:
+    name: str = "wmtp"
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class ModelSection:
+    base: str = (
+        ""  # model dir (params.json + safetensors) or Meta dir (params.json + consolidated.pth)
+    )
+    tokenizer: str = ""
+    reference: str | None = None  # next-token reference model dir, for rho1-wmtp
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+    def validate(self, where: str) -> None:
+        require(
+            bool(self.base), key(where, "base"), self.base, "set it to the base model's directory"
+        )
+        require(
+            bool(self.tokenizer),
+            key(where, "tokenizer"),
+            self.tokenizer,
+            "set it to tokenizer.model",
+        )
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    validation: str | None = None
+    dataset: str = "codecontests"  # names the MLflow experiment mtp/{algo}/{dataset}
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    pack: bool = True
+
+    def validate(self, where: str) -> None:
+        require(
+            bool(self.train), key(where, "train"), self.train, "set it to a processed train.jsonl"
+        )
+        require(self.seq_len >= 8, key(where, "seq_len"), self.seq_len, "must be >= 8")
+        require(
+            self.micro_batch_size >= 1,
+            key(where, "micro_batch_size"),
+            self.micro_batch_size,
+            "must be >= 1",
+        )
+
+
+@dataclass
+class CriticSection:
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    reward_correct: float = 1.0
+    reward_incorrect: float = 0.0
+    stage1_steps: int = 200
+    value_lr: float = 1e-3
+
+    def validate(self, where: str) -> None:
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, key(where, name), value, "must be in [0, 1]")
+        require(
+            self.stage1_steps >= 0, key(where, "stage1_steps"), self.stage1_steps, "must be >= 0"
+        )
+        require(self.value_lr > 0, key(where, "value_lr"), self.value_lr, "must be > 0")
+
+    def to_config(self) -> CriticConfig:
+        return CriticConfig(self.gamma, self.gae_lambda, self.reward_correct, self.reward_incorrect)
+
+
+@dataclass
+class WeightingSection:
+    algo: str = "rho1-wmtp"
+    temperature: float = 1.0
+    min_weight: float = 0.05
+    max_weight: float = 3.0
+    mean_tolerance: float = 1e-3
+    reference_source: Literal["online", "precomputed"] = "online"
+    reference_ce_dir: str | None = None
+    critic: CriticSection = field(default_factory=CriticSection)
+
+    def validate(self, where: str) -> None:
+        if self.algo not in ALGORITHMS:
+            from runtime.schema import did_you_mean
+
+            raise ConfigError(f"{key(where, 'algo')}={self.algo!r} is invalid: allowed "
+                              f"{', '.join(ALGORITHMS)}{did_you_mean(self.algo, list(ALGORITHMS))}")  # fmt: skip
+        try:
+            self.normalize_config()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.reference_source == "precomputed":
+            require(bool(self.reference_ce_dir), key(where, "reference_ce_dir"), self.reference_ce_dir,
+                    "set it when reference_source is 'precomputed'")  # fmt: skip
+
+    def normalize_config(self) -> NormalizeConfig:
+        return NormalizeConfig(
+            self.temperature, self.min_weight, self.max_weight, self.mean_tolerance
+        )
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    grad_accum: int = 1
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    head_weights: list[float] | None = None  # λ_k; default 1.0 for every head
+    ce_chunk_size: int = 1024
+    activation_checkpointing: bool = False
+    fsdp: Literal["auto", "on", "off"] = "auto"
+    nan_max_retries: int = 3
+    oom_auto_shrink: bool = True
+    eval_every: int = 0
+    eval_batches: int = 8
+    log_every: int = 1
+
+    def validate(self, where: str) -> None:
+        require(self.max_steps >= 1, key(where, "max_steps"), self.max_steps, "must be >= 1")
+        require(self.grad_accum >= 1, key(where, "grad_accum"), self.grad_accum, "must be >= 1")
+        require(self.lr > 0, key(where, "lr"), self.lr, "must be > 0")
+        require(
+            0 <= self.min_lr_ratio <= 1,
+            key(where, "min_lr_ratio"),
+            self.min_lr_ratio,
+            "must be in [0, 1]",
+        )
+        require(
+            0 <= self.warmup_ratio < 1,
+            key(where, "warmup_ratio"),
+            self.warmup_ratio,
+            "must be in [0, 1)",
+        )
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), key(where, "betas"),
+                list(self.betas), "two numbers in [0, 1)")  # fmt: skip
+        require(self.grad_clip > 0, key(where, "grad_clip"), self.grad_clip, "must be > 0")
+        require(
+            self.ce_chunk_size >= 1, key(where, "ce_chunk_size"), self.ce_chunk_size, "must be >= 1"
+        )
+        require(
+            self.nan_max_retries >= 0,
+            key(where, "nan_max_retries"),
+            self.nan_max_retries,
+            "must be >= 0",
+        )
+        if self.head_weights is not None:
+            require(all(w >= 0 for w in self.head_weights) and any(self.head_weights),
+                    key(where, "head_weights"), self.head_weights, "non-negative, not all zero")  # fmt: skip
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 200
+    keep_last: int = 3
+    resume: Literal["auto", "never"] = "auto"
+    export_safetensors: bool = True
+
+    def validate(self, where: str) -> None:
+        require(
+            self.every_steps >= 0,
+            key(where, "every_steps"),
+            self.every_steps,
+            "must be >= 0 (0: only at the end)",
+        )
+        require(self.keep_last >= 1, key(where, "keep_last"), self.keep_last, "must be >= 1")
+
+
+@dataclass
+class TrackingSection:
+    experiment: str | None = None  # default mtp/{algo}/{dataset}
+    run_name: str | None = None
+    sample_tokens: int = 48  # tokens shown with their weights in the run report
+
+
+@dataclass
+class FaultsSection:
+    """Fault injection for testing the guards; leave empty in real recipes."""
+
+    nan_at_steps: list[int] = field(default_factory=list)
+    oom_at_steps: list[int] = field(default_factory=list)
+    kill_at_step: int | None = None
+
+
+@dataclass
+class Recipe:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    weighting: WeightingSection = field(default_factory=WeightingSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
+
+    def validate(self, where: str) -> None:
+        if self.weighting.algo == "rho1-wmtp" and self.weighting.reference_source == "online":
+            require(bool(self.model.reference), "model.reference", self.model.reference,
+                    "rho1-wmtp needs a reference model (or weighting.reference_source: precomputed)")  # fmt: skip
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Reads, overrides (`section.key=value`) and validates a recipe YAML."""
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    return build(Recipe, data)
