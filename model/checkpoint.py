@@ -23,6 +23,7 @@ from model.args import ModelArgs
 from model.integrity import (
     ChecksumError,
     atomic_path,
+    atomic_write_bytes,
     atomic_write_text,
     verify_sha256sums,
     write_sha256sums,
@@ -196,12 +197,19 @@ def save_model_dir(
     state: dict[str, torch.Tensor],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> list[str]:
-    """params.json + safetensors + SHA256SUMS. Returns every file written (SHA256SUMS last)."""
+    """params.json + safetensors (+ copies of `extra_files`, e.g. tokenizer.model) + SHA256SUMS.
+
+    Returns every file written (SHA256SUMS last).
+    """
     out_dir = Path(out_dir)
     files = save_safetensors(state, out_dir, max_shard_bytes, metadata)
     atomic_write_text(out_dir / PARAMS_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
     files.append(PARAMS_FILE)
+    for name, source in (extra_files or {}).items():
+        atomic_write_bytes(out_dir / name, Path(source).read_bytes())
+        files.append(name)
     write_sha256sums(out_dir, files)
     return [*files, "SHA256SUMS"]
 

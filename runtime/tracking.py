@@ -6,8 +6,10 @@ scrubbed of anything that looks like a secret before they are logged.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,13 @@ def scrub_tree(data: Any) -> Any:
 
 
 class Tracker:
+    """Thin MlflowClient wrapper with an explicit tracking URI (no process-global MLflow state)."""
+
     def __init__(self, config: MlflowConfig, active: bool = True):
         self.active = active and config.enabled
         self.config = config
         self.run_id: str | None = None
-        self._mlflow = None
+        self._client = None
 
     def start(
         self,
@@ -61,38 +65,48 @@ class Tracker:
         """Starts (or, given `run_id`, resumes) a run and logs `params` (scrubbed, ≤ 500 chars)."""
         if not self.active:
             return None
-        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
 
-        self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.config.tracking_uri)
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+        self._client = MlflowClient(tracking_uri=self.config.tracking_uri)
+        if run_id is not None:
+            self._client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id
+        found = self._client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
+        safe_name = scrub({"run_name": run_name}).get("run_name")
+        run = self._client.create_run(experiment_id, run_name=safe_name, tags=tags or {})
         self.run_id = run.info.run_id
-        if run_id is None:
-            clean = {k: str(v)[:500] for k, v in scrub(params).items()}
-            items = list(clean.items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i : i + 100]))
+        clean = [Param(k, str(v)[:500]) for k, v in scrub(params).items()]
+        for i in range(0, len(clean), 100):
+            self._client.log_batch(self.run_id, params=clean[i : i + 100])
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self._mlflow:
-            finite = {
-                k: float(v)
-                for k, v in metrics.items()
-                if v is not None and v == v and abs(v) != float("inf")
-            }
-            self._mlflow.log_metrics(finite, step=step)
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        finite = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(v)
+        ]
+        if finite:
+            self._client.log_batch(self.run_id, metrics=finite)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self._mlflow:
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        if self._client is not None:
+            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self._mlflow:
-            self._mlflow.set_tags(tags)
+        if self._client is not None:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, v)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self._mlflow:
-            self._mlflow.end_run(status=status)
-            self._mlflow = None
+        if self._client is not None:
+            self._client.set_terminated(self.run_id, status=status)
+            self._client = None

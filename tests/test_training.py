@@ -138,6 +138,7 @@ def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo):
         stage1 = [h["stage1_value_loss"] for h in history(out) if h.get("stage") == "stage1"]
         assert len(stage1) == 20 and stage1[-1] < stage1[0]
     assert (out / "export" / "final" / "SHA256SUMS").is_file()
+    assert (out / "export" / "final" / "tokenizer.model").is_file()
 
 
 # ------------------------------------------------------------------ guards

@@ -157,8 +157,9 @@ def export_safetensors(
     info: DistInfo,
     dtype: torch.dtype,
     metadata: dict[str, str] | None = None,
+    tokenizer: Path | None = None,
 ) -> Path | None:
-    """Gathers full weights (collective) and writes a model dir on the main rank."""
+    """Gathers full weights (collective) and writes a model dir (with tokenizer.model) on the main rank."""
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -167,7 +168,8 @@ def export_safetensors(
         state = {k: v.detach().to("cpu", dtype) for k, v in full.items()}
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model_dir(tmp, args, state, metadata=metadata)
+        extra = {"tokenizer.model": tokenizer} if tokenizer else None
+        save_model_dir(tmp, args, state, metadata=metadata, extra_files=extra)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -601,7 +601,8 @@ class Trainer:
         export = None
         if failure is None and r.checkpoint.export_safetensors:
             export = export_safetensors(self.model, self.args, self.out / "export" / "final", self.info,
-                                        DTYPES[r.model.dtype], {"run_id": str(self.run_id), "algo": r.weighting.algo})  # fmt: skip
+                                        DTYPES[r.model.dtype], {"run_id": str(self.run_id), "algo": r.weighting.algo},
+                                        tokenizer=Path(r.model.tokenizer))  # fmt: skip
         if not self.info.is_main:
             return
         reports = self.out / "reports"

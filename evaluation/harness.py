@@ -1,0 +1,155 @@
+"""Generate → execute → score, for a list of problems of one benchmark."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from evaluation.generation import SamplingConfig, generate, speculative_greedy
+from evaluation.metrics import mean_pass_at_k
+from evaluation.sandbox import ExecResult, Sandbox
+from evaluation.tasks import Problem, function_program, outputs_match
+from model.integrity import atomic_write_text
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+
+METRIC_NAMES = {"mbpp": "mbpp", "humaneval": "humaneval", "codecontests": "contest"}
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    status: str
+    seconds: float
+    exact: bool | None = None  # CodeContests: passed under exact comparison too
+    detail: str = ""
+
+
+def check_completion(
+    problem: Problem, completion: str, sandbox: Sandbox, contest_compare: str = "tolerant"
+) -> Verdict:
+    """Runs one completion against the problem's tests in the sandbox."""
+    if not problem.io_tests:
+        r = sandbox.run(function_program(problem, completion))
+        return Verdict(r.passed, r.status, r.seconds, detail=_tail(r))
+    seconds, all_exact = 0.0, True
+    for i, (stdin, expected) in enumerate(problem.io_tests):
+        r = sandbox.run(completion, stdin=stdin)
+        seconds += r.seconds
+        if not r.passed:
+            return Verdict(False, r.status, seconds, False, f"test {i}: {_tail(r)}")
+        exact, tolerant = outputs_match(r.stdout, expected)
+        all_exact &= exact
+        if not (exact if contest_compare == "exact" else tolerant):
+            return Verdict(False, "wrong_answer", seconds, False, f"test {i}: wrong answer")
+    return Verdict(True, "passed", seconds, all_exact)
+
+
+def _tail(r: ExecResult) -> str:
+    lines = r.stderr.strip().splitlines()
+    return lines[-1][:300] if lines else ""
+
+
+def evaluate_problems(
+    model: Transformer | None,
+    tokenizer: Tokenizer | None,
+    problems: list[Problem],
+    sampling: SamplingConfig,
+    n_samples: int,
+    sandbox: Sandbox,
+    workers: int = 2,
+    speculative: bool = False,
+    seed: int = 0,
+    use_reference: bool = False,
+    contest_compare: str = "tolerant",
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """Samples `n_samples` completions per problem (or takes the reference solution when
+    `use_reference`), executes them in parallel, and returns (per-sample rows, statistics)."""
+    if speculative and not sampling.greedy:
+        raise ValueError("--speculative decodes greedily: use --temperature 0")
+    generator = torch.Generator().manual_seed(seed)
+    rows, futures = [], []
+    gen_tokens, gen_seconds, accepted = 0, 0.0, []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for index, problem in enumerate(problems):
+            if use_reference:
+                completions = [(problem.reference, 0)] * n_samples
+            else:
+                prompt_ids = [tokenizer.bos_id, *tokenizer.encode(problem.prompt)]
+                if speculative:
+                    gen, acc = speculative_greedy(
+                        model, tokenizer, prompt_ids, sampling, problem.stop
+                    )
+                    gens = [gen] * n_samples
+                    accepted += acc
+                else:
+                    gens = generate(
+                        model, tokenizer, prompt_ids, n_samples, sampling, problem.stop, generator
+                    )
+                gen_seconds += gens[0].seconds
+                gen_tokens += (
+                    sum(len(g.tokens) for g in gens) if not speculative else len(gens[0].tokens)
+                )
+                completions = [(g.text, len(g.tokens)) for g in gens]
+            for sample, (text, n_tokens) in enumerate(completions):
+                future: Future = pool.submit(
+                    check_completion, problem, text, sandbox, contest_compare
+                )
+                futures.append((problem, sample, text, n_tokens, future))
+            if progress and (index + 1) % 20 == 0:
+                print(
+                    f"[eval] {problems[0].benchmark}: {index + 1}/{len(problems)} problems queued",
+                    flush=True,
+                )
+        for problem, sample, text, n_tokens, future in futures:
+            verdict = future.result()
+            rows.append({"task_id": problem.task_id, "benchmark": problem.benchmark, "sample": sample,
+                         "completion": text, "n_tokens": n_tokens, **asdict(verdict)})  # fmt: skip
+    stats = {"gen_tokens": gen_tokens, "gen_seconds": gen_seconds,
+             "tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None}  # fmt: skip
+    if accepted:
+        stats["mean_accepted_per_forward"] = sum(accepted) / len(accepted)
+    return rows, stats
+
+
+def summarize(rows: list[dict], ks: list[int], stats: dict) -> dict:
+    per_task: dict[str, list[bool]] = {}
+    for row in sorted(rows, key=lambda r: (r["task_id"], r["sample"])):
+        per_task.setdefault(row["task_id"], []).append(row["passed"])
+    pass_k = mean_pass_at_k(per_task, ks)
+    summary = {
+        "n_problems": len(per_task),
+        "n_samples": len(rows),
+        "pass@k": {f"pass@{k}": v for k, v in pass_k.items()},
+        "first_sample_pass_rate": sum(r[0] for r in per_task.values()) / max(len(per_task), 1),
+        "statuses": dict(Counter(r["status"] for r in rows)),
+        **stats,
+    }
+    return summary
+
+
+def metrics_for_mlflow(benchmark: str, summary: dict) -> dict[str, float]:
+    """mbpp_exact, humaneval_pass_at_k, contest_pass_at_k (MLflow forbids '@' in names)."""
+    name = METRIC_NAMES[benchmark]
+    metrics = {f"{name}_{k.replace('@', '_at_')}": v for k, v in summary["pass@k"].items()}
+    if benchmark == "mbpp":
+        metrics["mbpp_exact"] = summary["first_sample_pass_rate"]
+    if summary.get("tokens_per_s"):
+        metrics[f"{name}_gen_tokens_per_s"] = summary["tokens_per_s"]
+    if "mean_accepted_per_forward" in summary:
+        metrics[f"{name}_spec_accepted_per_forward"] = summary["mean_accepted_per_forward"]
+    return metrics
+
+
+def write_results(out_dir: Path, benchmark: str, rows: list[dict], summary: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out_dir / f"{benchmark}_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    atomic_write_text(out_dir / f"{benchmark}_summary.json", json.dumps(summary, indent=2) + "\n")
