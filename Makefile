@@ -15,7 +15,7 @@ $(STAMP): requirements.lock
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m model
+	$(PY) -m launch.demo --out outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

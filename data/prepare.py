@@ -30,12 +30,14 @@ from data.process import (
     humaneval_problem,
     mbpp_problem,
     problem_records,
+    tasks_problem,
 )
 from data.readers import (
     humaneval_package_path,
     read_codecontests,
     read_humaneval,
     read_mbpp,
+    read_tasks,
     sha256_of_sources,
 )
 from data.records import SCHEMA, DataError, Record, write_records
@@ -43,7 +45,7 @@ from data.splits import SMALL_SPLITS, SPLITS, mbpp_upstream_split, seeded_split,
 from model.integrity import write_sha256sums
 from model.tokenizer import Tokenizer
 
-DATASETS = ("codecontests", "mbpp", "humaneval")
+DATASETS = ("codecontests", "mbpp", "humaneval", "tasks")
 
 
 def source_files(dataset: str, source: Path | None) -> list[Path]:
@@ -53,7 +55,7 @@ def source_files(dataset: str, source: Path | None) -> list[Path]:
         raise DataError(f"--source-dir is required for {dataset}")
     if source.is_file():
         return [source]
-    patterns = {"mbpp": ["mbpp.jsonl"], "humaneval": ["HumanEval.jsonl*"],
+    patterns = {"mbpp": ["mbpp.jsonl"], "humaneval": ["HumanEval.jsonl*"], "tasks": ["*.jsonl"],
                 "codecontests": ["**/*.parquet", "**/*.jsonl", "**/*.jsonl.gz"]}[dataset]  # fmt: skip
     files = sorted({p for pattern in patterns for p in source.glob(pattern)})
     if not files:
@@ -71,6 +73,13 @@ def build_records(
         for f in files:
             for raw in read_codecontests(f):
                 problem, dropped = codecontests_problem(raw, cfg)
+                counts["dropped_duplicates"] += dropped
+                problems.append(problem)
+    elif dataset == "tasks":
+        problems = []
+        for f in files:
+            for raw in read_tasks(f):
+                problem, dropped = tasks_problem(raw)
                 counts["dropped_duplicates"] += dropped
                 problems.append(problem)
     elif dataset == "mbpp":

@@ -144,6 +144,20 @@ def mbpp_problem(raw: dict) -> Problem:
     )  # fmt: skip
 
 
+def tasks_problem(raw: dict) -> tuple[Problem, int]:
+    correct = [(s["code"], "python3") for s in raw["solutions"] if s["is_correct"]]
+    incorrect = [(s["code"], "python3") for s in raw["solutions"] if not s["is_correct"]]
+    solutions, dropped = dedupe_solutions(correct, incorrect)
+    tests = "\n".join(raw["tests"])
+    problem = Problem(
+        task_id=raw["task_id"], source="synthetic", instruction=raw["text"],
+        input=f"Your code should pass these tests:\n{tests}",
+        notes="Python 3. Define the function exactly as the tests call it.",
+        solutions=solutions, has_tests=bool(raw["tests"]),
+    )  # fmt: skip
+    return problem, dropped
+
+
 def humaneval_problem(raw: dict) -> Problem:
     return Problem(
         task_id=raw["task_id"], source="humaneval",

@@ -23,6 +23,7 @@ CODECONTESTS_REQUIRED = ("name", "description", "public_tests", "private_tests",
                          "generated_tests", "solutions", "incorrect_solutions")  # fmt: skip
 MBPP_REQUIRED = ("task_id", "text", "code", "test_list", "test_setup_code")
 HUMANEVAL_REQUIRED = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+TASKS_REQUIRED = ("task_id", "text", "entry_point", "tests", "solutions")
 
 
 def _require(obj: Any, fields: tuple[str, ...], where: str) -> dict:
@@ -108,6 +109,21 @@ def _loads(line: str, path: Path, lineno: int) -> Any:
 
 def read_mbpp(path: str | Path) -> Iterator[dict]:
     yield from read_jsonl_objects(path, MBPP_REQUIRED)
+
+
+def read_tasks(path: str | Path) -> Iterator[dict]:
+    """The synthetic task set of data.synthetic_tasks (solutions labelled by running their tests)."""
+    for task in read_jsonl_objects(path, TASKS_REQUIRED):
+        for i, solution in enumerate(task["solutions"]):
+            if (
+                not isinstance(solution, dict)
+                or "code" not in solution
+                or "is_correct" not in solution
+            ):
+                raise DataError(
+                    f"{path}: task {task['task_id']} solution {i} needs `code` and `is_correct`"
+                )
+        yield task
 
 
 def humaneval_package_path() -> Path:

@@ -18,7 +18,12 @@ from model.integrity import atomic_write_text
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
-METRIC_NAMES = {"mbpp": "mbpp", "humaneval": "humaneval", "codecontests": "contest"}
+METRIC_NAMES = {
+    "mbpp": "mbpp",
+    "humaneval": "humaneval",
+    "codecontests": "contest",
+    "tasks": "tasks",
+}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from data.process import render_prompt
-from data.readers import read_codecontests, read_humaneval, read_mbpp
+from data.readers import read_codecontests, read_humaneval, read_mbpp, read_tasks
 
 MBPP_SHOTS = (2, 3, 4)
 MBPP_TEST_IDS = range(11, 511)
@@ -106,6 +106,20 @@ def codecontests_problems(path: str | Path, max_tests: int | None = None) -> lis
                 break
         problems.append(Problem(f"codecontests/{raw['name']}", "codecontests", prompt, ["\n### "],
                                 io_tests=tests[:max_tests], reference=reference))  # fmt: skip
+    return problems
+
+
+def synthetic_problems(raw_path: str | Path, task_ids: set[str] | None = None) -> list[Problem]:
+    """Tasks of data.synthetic_tasks (only `task_ids`, e.g. the test split), in the training template."""
+    problems = []
+    for raw in read_tasks(raw_path):
+        if task_ids is not None and raw["task_id"] not in task_ids:
+            continue
+        prompt = render_prompt(raw["text"], "Your code should pass these tests:\n" + "\n".join(raw["tests"]),
+                               "Python 3. Define the function exactly as the tests call it.")  # fmt: skip
+        reference = next(s["code"] for s in raw["solutions"] if s["is_correct"])
+        problems.append(Problem(raw["task_id"], "tasks", prompt, ["\n### "], test_program="\n".join(raw["tests"]),
+                                reference=reference))  # fmt: skip
     return problems
 
 

@@ -33,6 +33,7 @@ class ModelSection:
     tokenizer: str = ""
     reference: str | None = None  # next-token reference model dir, for rho1-wmtp
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    require_mtp: bool = True  # false only to pre-train a next-token model (e.g. micro-ref)
 
     def validate(self, where: str) -> None:
         require(

@@ -112,6 +112,7 @@ class Trainer:
         self.tracker = Tracker(env.mlflow, active=info.is_main)
         self.run_id: str | None = None
         self.last_weights: tuple[Batch, torch.Tensor] | None = None
+        self.first_weights: tuple[Batch, torch.Tensor] | None = None
         self.hist_counts: list[int] | None = None
         self._setup()
 
@@ -121,7 +122,7 @@ class Trainer:
         torch.manual_seed(r.run.seed)
         self.tokenizer = Tokenizer(r.model.tokenizer)
         self.args, state = load_model_files(r.model.base)
-        if self.args.n_future_tokens < 2:
+        if self.args.n_future_tokens < 2 and r.model.require_mtp:
             raise ConfigError(f"model.base={r.model.base!r} has n_future_tokens={self.args.n_future_tokens}: "
                               "the base must be an MTP model (n_future_tokens >= 2)")  # fmt: skip
         if self.args.vocab_size != self.tokenizer.n_words:
@@ -327,6 +328,8 @@ class Trainer:
                              hist_max=r.weighting.max_weight)  # fmt: skip
         self.hist_counts = stats["hist_counts"]
         self.last_weights = all_weights[0]
+        if self.first_weights is None:
+            self.first_weights = all_weights[0]
         tokens = totals[-1]
         metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed,
                    "step_time_s": elapsed, **scalar_stats(stats),
@@ -615,6 +618,10 @@ class Trainer:
                 )
             )
         (reports / f"{self.run_id}_history.json").write_text(json.dumps(self.history))
+        if self.first_weights is not None:
+            (reports / f"{self.run_id}_token_weights.json").write_text(
+                json.dumps(self._token_weights(*self.first_weights))
+            )
         summary = self._summary(export)
         report = write_run_report(
             reports / f"{self.run_id}.md", str(self.run_id), f"{r.run.name}: {r.weighting.algo}", summary,
@@ -658,6 +665,19 @@ class Trainer:
         if export:
             summary["export"] = str(export)
         return summary
+
+    def _token_weights(self, batch: Batch, weights: torch.Tensor, rows: int = 2) -> dict:
+        """Head-0 weights of the first step's first rows, per target token (for heatmaps)."""
+        examples = []
+        for b in range(min(rows, batch.tokens.shape[0])):
+            valid = batch.valid[b, :, 0].cpu()
+            pos = valid.nonzero().flatten()[:400]
+            examples.append({
+                "sample_ids": batch.sample_ids[b],
+                "pieces": [self.tokenizer.id_to_piece(int(batch.labels[b, p, 0])) for p in pos],
+                "weights": [round(float(weights[b, p, 0]), 4) for p in pos],
+            })  # fmt: skip
+        return {"algo": self.recipe.weighting.algo, "step": 1, "examples": examples}
 
     def _sample_tokens(self) -> str:
         if self.last_weights is None:

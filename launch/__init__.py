@@ -1,0 +1,1 @@
+"""Launching: the CPU demo, local torchrun (single and multi-node), VESSL, Docker."""
