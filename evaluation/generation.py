@@ -115,6 +115,21 @@ def generate(
     ]
 
 
+def _verify_forward(
+    model: Transformer, tokens: torch.Tensor, pos: int, cache
+) -> tuple[list[torch.Tensor], list[int]]:
+    """All heads' hidden states for `tokens` (their KV caches must stay complete) and head 0's
+    greedy tokens; the output projection runs for head 0 only (the drafts need just one row)."""
+    h = model(tokens, pos, cache, return_trunk=True)
+    hidden = [model.head_hidden(h, k, pos, cache) for k in range(model.n_future_tokens)]
+    greedy = model.output(hidden[0][0]).argmax(dim=-1).tolist()
+    return hidden, greedy
+
+
+def _drafts(model: Transformer, hidden: list[torch.Tensor], row: int) -> list[int]:
+    return [int(model.output(z[0, row]).argmax()) for z in hidden[1:]]
+
+
 @torch.no_grad()
 def speculative_greedy(
     model: Transformer,
@@ -129,20 +144,23 @@ def speculative_greedy(
     device = _model_device(model)
     n_heads = model.n_future_tokens
     cache = model.new_cache(1, len(prompt_ids) + cfg.max_new_tokens + n_heads)
-    logits = model(torch.tensor([prompt_ids], device=device), 0, cache)  # (1, L, H, V)
+    hidden, greedy = _verify_forward(model, torch.tensor([prompt_ids], device=device), 0, cache)
     pos = len(prompt_ids)
-    head_argmax = logits[0, -1].argmax(dim=-1).tolist()  # head k: token at pos + k
-    nxt, drafts = head_argmax[0], head_argmax[1:]
+    nxt, drafts = (
+        greedy[-1],
+        _drafts(model, hidden, -1),
+    )  # head k at the last prompt token: token pos + k
     out: list[int] = []
     accepted_per_forward: list[int] = []
     checker = StopChecker(tokenizer, stop, 1)
     forwards = 1
     while len(out) < cfg.max_new_tokens and not checker.done[0]:
         candidate = [nxt, *drafts][: cfg.max_new_tokens - len(out)]
-        logits = model(torch.tensor([candidate], device=device), pos, cache)[0]  # (len, H, V)
+        hidden, greedy = _verify_forward(
+            model, torch.tensor([candidate], device=device), pos, cache
+        )
         forwards += 1
-        greedy = logits[:, 0].argmax(dim=-1).tolist()  # greedy[i]: token after candidate[i]
-        n_ok = 1
+        n_ok = 1  # greedy[i] is head 0's token after candidate[i]; candidate[0] is already verified
         while n_ok < len(candidate) and candidate[n_ok] == greedy[n_ok - 1]:
             n_ok += 1
         for token in candidate[:n_ok]:
@@ -152,8 +170,7 @@ def speculative_greedy(
                 break
         accepted_per_forward.append(n_ok)
         pos += n_ok
-        nxt = greedy[n_ok - 1]
-        drafts = logits[n_ok - 1, 1:].argmax(dim=-1).tolist()
+        nxt, drafts = greedy[n_ok - 1], _drafts(model, hidden, n_ok - 1)
     seconds = time.perf_counter() - start
     return Generation(
         checker.finish(out), out, forwards, seconds, checker.done[0]

@@ -42,8 +42,8 @@ class DemoSettings:
     task_variants: int
 
 
-FULL = DemoSettings(micro={}, corpus_mb=6.0, pretrain_steps=300, pretrain_chunks=6000, experiment_steps=150,
-                    stage1_steps=60, seq_len=512, eval_tasks_limit=None, humaneval_limit=20, n_samples=5,
+FULL = DemoSettings(micro={}, corpus_mb=6.0, pretrain_steps=80, pretrain_chunks=2000, experiment_steps=250,
+                    stage1_steps=60, seq_len=512, eval_tasks_limit=None, humaneval_limit=10, n_samples=5,
                     max_new_tokens=128, task_variants=8)  # fmt: skip
 QUICK = DemoSettings(micro={"dim": 64, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "vocab_size": 1000},
                      corpus_mb=0.6, pretrain_steps=12, pretrain_chunks=300, experiment_steps=8, stage1_steps=4,
@@ -219,8 +219,9 @@ def run(out: Path, settings: DemoSettings) -> Path:
         check(eval_main([*common_eval, "--tasks", "humaneval", "--prompt-style", "alpaca", "--limit",
                          str(settings.humaneval_limit), "--n-samples", str(settings.n_samples),
                          "--output-dir", str(runs / algo / "eval-humaneval")]), f"eval humaneval {algo}")  # fmt: skip
-        check(eval_main([*common_eval, *tasks_eval, *limit, "--temperature", "0", "--speculative", "--no-mlflow",
-                         "--output-dir", str(runs / algo / "eval-speculative")]), f"speculative {algo}")  # fmt: skip
+        for name, flags in (("eval-greedy", []), ("eval-speculative", ["--speculative"])):
+            check(eval_main([*common_eval, *tasks_eval, *limit, "--temperature", "0", *flags, "--no-mlflow",
+                             "--output-dir", str(runs / algo / name)]), f"{name} {algo}")  # fmt: skip
     stages.done(t)
 
     t = stages.start("comparison report")

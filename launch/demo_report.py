@@ -29,6 +29,7 @@ def run_facts(run: Path) -> dict:
     tasks = _read(run / "eval" / "summary.json").get("tasks", {})
     humaneval = _read(run / "eval-humaneval" / "summary.json").get("humaneval", {})
     spec = _read(run / "eval-speculative" / "summary.json").get("tasks", {})
+    greedy = _read(run / "eval-greedy" / "summary.json").get("tasks", {})
     return {
         "history": steps,
         "run_id": history_file.name.removesuffix("_history.json") if history_file else "?",
@@ -39,12 +40,23 @@ def run_facts(run: Path) -> dict:
         "tasks_pass@1": tasks.get("pass@k", {}).get("pass@1"),
         "humaneval_pass@1": humaneval.get("pass@k", {}).get("pass@1"),
         "decode_tokens_per_s": tasks.get("tokens_per_s"),
+        "greedy_tokens_per_s": greedy.get("tokens_per_s"),
         "spec_tokens_per_s": spec.get("tokens_per_s"),
+        "spec_identical": _same_completions(run / "eval-greedy", run / "eval-speculative"),
         "spec_accepted": spec.get("mean_accepted_per_forward"),
         "spec_pass@1": spec.get("pass@k", {}).get("pass@1"),
         "weights_svg": _latest(reports, "*_weights.svg"),
         "token_weights": _read(_latest(reports, "*_token_weights.json") or Path("/nonexistent")),
     }  # fmt: skip
+
+
+def _same_completions(a: Path, b: Path) -> str:
+    """'yes' if greedy and self-speculative decoding produced the same text for every task."""
+    files = [d / "tasks_samples.jsonl" for d in (a, b)]
+    if not all(f.is_file() for f in files):
+        return "–"
+    texts = [[json.loads(line)["completion"] for line in f.read_text().splitlines()] for f in files]
+    return "yes" if texts[0] == texts[1] else "NO"
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -100,9 +112,11 @@ def write_summary(out: Path, algos: list[str], settings: dict, seconds: float) -
             ("validation loss (head 0)", "val_loss", 3), ("task pass@1 (T=0.2)", "tasks_pass@1", 3),
             ("HumanEval pass@1 (T=0.2)", "humaneval_pass@1", 3), ("train tokens/s", "train_tokens_per_s", 0),
             ("weight std", "weight_std", 3), ("clipped fraction", "clipped", 3),
-            ("decode tokens/s (plain sampling)", "decode_tokens_per_s", 1),
+            ("decode tokens/s (sampling, 5 per batch)", "decode_tokens_per_s", 1),
+            ("decode tokens/s (greedy, batch 1)", "greedy_tokens_per_s", 1),
             ("decode tokens/s (self-speculative greedy)", "spec_tokens_per_s", 1),
-            ("accepted tokens per forward", "spec_accepted", 2), ("task pass@1 (speculative greedy)", "spec_pass@1", 3)]  # fmt: skip
+            ("accepted tokens per forward", "spec_accepted", 2), ("task pass@1 (speculative greedy)", "spec_pass@1", 3),
+            ("speculative output == greedy output", "spec_identical", 0)]  # fmt: skip
     lines = ["# WMTP demo: baseline vs rho1-wmtp vs critic-wmtp", "",
              f"Micro models on one CPU, nothing downloaded; {seconds / 60:.1f} minutes end to end.", "",
              "| metric | " + " | ".join(algos) + " |", "| --- |" + " ---: |" * len(algos)]  # fmt: skip

@@ -308,3 +308,18 @@ def test_shipped_recipes_validate(name):
     recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
     assert recipe.weighting.algo in ("baseline", "rho1-wmtp", "critic-wmtp")
     assert (recipe.model.reference is not None) == (recipe.weighting.algo == "rho1-wmtp")
+
+
+def test_precomputed_reference_ce_gives_the_online_losses(micro, tmp_path):
+    from training.precompute_reference import main as precompute_main
+
+    root, assets, config = micro
+    sections = {"train": {"max_steps": 4}, "data": {"pack": False}}
+    code, online = run_train(micro, "rho1-wmtp", tmp_path, name="online", **sections)
+    assert code == 0
+    recipe = write_recipe(tmp_path / "pre.yaml", assets, "rho1-wmtp", tmp_path / "pre",
+                          weighting={"reference_source": "precomputed", "reference_ce_dir": str(tmp_path / "refce")},
+                          **sections)  # fmt: skip
+    assert precompute_main([str(recipe), "--config", str(config)]) == 0
+    assert train_main([str(recipe), "--config", str(config)]) == 0
+    assert step_losses(tmp_path / "pre") == pytest.approx(step_losses(online), rel=1e-5)
