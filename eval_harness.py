@@ -26,7 +26,7 @@ from evaluation.tasks import (
     mbpp_problems,
     synthetic_problems,
 )
-from model.checkpoint import build_model
+from model.checkpoint import build_model, load_checkpoint_dir
 from model.tokenizer import Tokenizer
 from runtime.config import load_env_config
 from runtime.schema import ConfigError
@@ -105,9 +105,7 @@ def find_tokenizer(ckpt: Path) -> Path:
 
 
 def load_model(ckpt: Path, device: torch.device):
-    from training.trainer import load_model_files
-
-    args, state = load_model_files(ckpt)
+    args, state = load_checkpoint_dir(ckpt)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return build_model(args, state, device=device, dtype=dtype).eval()
 

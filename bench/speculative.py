@@ -16,9 +16,8 @@ import torch
 
 from evaluation.generation import SamplingConfig, generate, speculative_greedy
 from evaluation.tasks import humaneval_problems
-from model.checkpoint import build_model
+from model.checkpoint import build_model, load_checkpoint_dir
 from model.tokenizer import Tokenizer
-from training.trainer import load_model_files
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     a = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args, state = load_model_files(a.ckpt)
+    args, state = load_checkpoint_dir(a.ckpt)
     model = build_model(args, state, device=device, dtype=torch.float32).eval()
     tok = Tokenizer(a.ckpt / "tokenizer.model")
     cfg = SamplingConfig(temperature=0, max_new_tokens=a.max_new_tokens)

@@ -40,6 +40,7 @@ __all__ = [
     "ChecksumError",
     "build_model",
     "convert_hf_llama",
+    "load_checkpoint_dir",
     "load_meta_checkpoint",
     "load_model_dir",
     "load_state_dict_strict",
@@ -88,6 +89,18 @@ def load_meta_checkpoint(
     )
     state = {k: v for k, v in state.items() if k not in META_IGNORED_KEYS}
     return args, _cast(state, dtype)
+
+
+def load_checkpoint_dir(
+    path: str | Path, dtype: torch.dtype | None = None
+) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """A Meta checkpoint dir (consolidated*.pth) or a model dir of this project (SHA256-verified)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model dir not found: {path}")
+    if any(path.glob("consolidated*.pth")):
+        return load_meta_checkpoint(path, dtype=dtype)
+    return load_model_dir(path, dtype=dtype)
 
 
 def load_state_dict_strict(model: Transformer, state: dict[str, torch.Tensor]) -> None:

@@ -126,3 +126,14 @@ def test_multi_shard_meta_checkpoint_is_rejected(meta_dir):
     (directory / "consolidated.pth").rename(directory / "consolidated.00.pth")
     with pytest.raises(ValueError, match="model-parallel shards"):
         load_meta_checkpoint(directory)
+
+
+def test_load_checkpoint_dir_reads_meta_and_project_dirs(meta_dir, tmp_path):
+    from model.checkpoint import load_checkpoint_dir
+
+    args, state = load_checkpoint_dir(meta_dir[0])
+    save_model_dir(tmp_path / "st", args, state)
+    args2, state2 = load_checkpoint_dir(tmp_path / "st")
+    assert args2 == args and set(state2) == set(state)
+    with pytest.raises(FileNotFoundError, match="model dir not found"):
+        load_checkpoint_dir(tmp_path / "missing")

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 
 from data.tokenized import cache_key, load_tokenized
-from model.checkpoint import build_model
+from model.checkpoint import build_model, load_checkpoint_dir
 from model.tokenizer import Tokenizer
 from runtime.config import load_env_config
 from runtime.schema import ConfigError
 from training.recipe import Recipe, load_recipe
-from training.trainer import load_model_files
 from weighting.reference_store import ReferenceCEWriter
 from weighting.rho1 import reference_next_token_ce
 
@@ -35,7 +34,7 @@ def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) 
         )
     tok = Tokenizer(recipe.model.tokenizer)
     data = load_tokenized(recipe.data.train, tok, cache_dir)
-    args, state = load_model_files(recipe.model.reference)
+    args, state = load_checkpoint_dir(recipe.model.reference)
     dtype = (
         torch.bfloat16
         if recipe.model.dtype == "bfloat16" and device.type == "cuda"

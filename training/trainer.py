@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -16,9 +17,9 @@ import yaml
 from torch import nn
 
 from data.loader import IGNORE_INDEX, Batch, LoaderConfig, TrainLoader
-from data.tokenized import load_tokenized
+from data.tokenized import cache_key, load_tokenized
 from model.args import ModelArgs
-from model.checkpoint import load_meta_checkpoint, load_model_dir
+from model.checkpoint import load_checkpoint_dir
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from runtime.config import EnvConfig
@@ -71,16 +72,6 @@ class GuardState:
     fired_faults: list[str] = field(default_factory=list)
 
 
-def load_model_files(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelArgs, dict]:
-    """A Meta checkpoint dir (consolidated*.pth) or a safetensors model dir (verified)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"model dir not found: {path}")
-    if any(path.glob("consolidated*.pth")):
-        return load_meta_checkpoint(path, dtype=dtype)
-    return load_model_dir(path, dtype=dtype)
-
-
 def lr_at(step: int, recipe: Recipe) -> float:
     """Linear warmup over warmup_ratio·max_steps, then cosine down to min_lr_ratio·lr."""
     t = recipe.train
@@ -121,7 +112,7 @@ class Trainer:
         r = self.recipe
         torch.manual_seed(r.run.seed)
         self.tokenizer = Tokenizer(r.model.tokenizer)
-        self.args, state = load_model_files(r.model.base)
+        self.args, state = load_checkpoint_dir(r.model.base)
         if self.args.n_future_tokens < 2 and r.model.require_mtp:
             raise ConfigError(f"model.base={r.model.base!r} has n_future_tokens={self.args.n_future_tokens}: "
                               "the base must be an MTP model (n_future_tokens >= 2)")  # fmt: skip
@@ -140,7 +131,7 @@ class Trainer:
         self.reference = self._load_reference()
         self.ref_store = None
         if r.weighting.algo == "rho1-wmtp" and r.weighting.reference_source == "precomputed":
-            self.ref_store = ReferenceCEStore(r.weighting.reference_ce_dir, self._data_key())
+            self.ref_store = ReferenceCEStore(r.weighting.reference_ce_dir, self.data_key)
         self.value_head = (
             ValueHead(self.args.dim).to(self.device) if r.weighting.algo == "critic-wmtp" else None
         )
@@ -150,9 +141,9 @@ class Trainer:
         self.loader = self._loader(r.data.train, r.data.micro_batch_size, shuffle_seed=r.run.seed)
         self.ckpt = CheckpointManager(self.out / "checkpoints", self.info, r.checkpoint.keep_last)
 
-    def _data_key(self) -> str:
-        from data.tokenized import cache_key
-
+    @functools.cached_property
+    def data_key(self) -> str:
+        """Hash of the tokenised training split (names precomputed reference CE, logged to MLflow)."""
         return cache_key(Path(self.recipe.data.train), self.tokenizer)
 
     def _build(self, args: ModelArgs, state: dict, trainable: bool) -> nn.Module:
@@ -196,7 +187,7 @@ class Trainer:
         r = self.recipe
         if r.weighting.algo != "rho1-wmtp" or r.weighting.reference_source != "online":
             return None
-        args, state = load_model_files(r.model.reference)
+        args, state = load_checkpoint_dir(r.model.reference)
         if args.vocab_size != self.args.vocab_size:
             raise ConfigError(f"model.reference vocab {args.vocab_size} != base vocab {self.args.vocab_size}: "
                               "Rho-1 scores need the same tokenizer")  # fmt: skip
@@ -356,18 +347,22 @@ class Trainer:
             all_reduce_replicated_grads(replicated_parameters(self.model))
         return clip_grad_norm(list(self.model.parameters()), self.recipe.train.grad_clip)
 
-    def _mfu(self, tokens_per_s: float) -> float:
-        """Model FLOPs utilisation: 6·(block params + H·dim·vocab) + causal attention, per token."""
+    @functools.cached_property
+    def flops_per_token(self) -> float:
+        """6·(block params + H·dim·vocab) + causal attention: each head's projection runs once."""
         a = self.args
-        n_block_params = sum(
+        blocks = sum(
             p.numel()
             for n, p in self.model.named_parameters()
             if "layers" in n or "extra_heads" in n
         )
         attention = 6 * a.n_layers * a.dim * self.recipe.data.seq_len
-        flops_per_token = 6 * (n_block_params + self.n_heads * a.dim * a.vocab_size) + attention
+        return 6 * (blocks + self.n_heads * a.dim * a.vocab_size) + attention
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation against hardware.peak_tflops on every rank."""
         peak = self.env.hardware.peak_tflops * 1e12 * self.info.world_size
-        return flops_per_token * tokens_per_s / peak
+        return self.flops_per_token * tokens_per_s / peak
 
     def critic_stage1_step(self) -> dict[str, float]:
         """Regress the value head on GAE returns of the sequence reward (trunk frozen)."""
@@ -455,7 +450,7 @@ class Trainer:
     def _start_tracking(self) -> None:
         params = flatten(to_dict(self.recipe))
         params.update({"model.n_future_tokens": self.n_heads, "model.n_params": sum(p.numel() for p in self.model.parameters()),
-                       "data.hash": self._data_key(), "world_size": self.info.world_size})  # fmt: skip
+                       "data.hash": self.data_key, "world_size": self.info.world_size})  # fmt: skip
         self.run_id = self.tracker.start(self._experiment(), self.recipe.tracking.run_name or self.recipe.run.name,
                                          params, tags={"algo": self.recipe.weighting.algo}, run_id=self.run_id)  # fmt: skip
         if self.info.is_main and self.run_id is None:
