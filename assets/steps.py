@@ -258,7 +258,11 @@ class MetaConvertStep(Step):
             f"  converting {len(state)} tensors ({dtype}, {sum(t.numel() for t in state.values()) / 1e9:.2f} B params)"
         )
         save_model_dir(
-            root / "safetensors", args, state, metadata={"source": ctx.config.assets.meta.repo}
+            root / "safetensors",
+            args,
+            state,
+            metadata={"source": ctx.config.assets.meta.repo},
+            progress=ctx.log,
         )
         copy_file(raw / "params.json", root / "configs" / "params.json")
         adapter = {"format": "meta-mtp", "params": args.to_dict(), "trunk": f"layers[:{args.n_trunk_layers}]",
@@ -303,7 +307,11 @@ class ReferenceConvertStep(Step):
         dtype = {str(t.dtype).removeprefix("torch.") for t in state.values()}.pop()
         ctx.log(f"  converting {len(state)} tensors ({dtype}) with q/k un-permuted")
         save_model_dir(
-            root / "safetensors", args, state, metadata={"source": ctx.config.assets.reference.repo}
+            root / "safetensors",
+            args,
+            state,
+            metadata={"source": ctx.config.assets.reference.repo},
+            progress=ctx.log,
         )
         copy_file(raw / "config.json", root / "configs" / "config.json")
         copy_file(raw / "tokenizer.model", root / "tokenizer" / "tokenizer.model")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -156,11 +156,12 @@ def save_safetensors(
     out_dir: str | Path,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Writes `state` as one or more safetensors files (atomically) plus the index json.
 
     Only one shard's tensors are materialised at a time, so memory-mapped inputs stream through.
-    Returns the file names written.
+    `progress` is called with a line per shard written. Returns the file names written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,9 @@ def save_safetensors(
         with atomic_path(out_dir / filename) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
         weight_map.update(dict.fromkeys(keys, filename))
+        if progress:
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            progress(f"  wrote {filename} ({len(tensors)} tensors, {size / 2**30:.2f} GiB)")
         del tensors
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -211,13 +215,14 @@ def save_model_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
     extra_files: dict[str, Path] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[str]:
     """params.json + safetensors (+ copies of `extra_files`, e.g. tokenizer.model) + SHA256SUMS.
 
     Returns every file written (SHA256SUMS last).
     """
     out_dir = Path(out_dir)
-    files = save_safetensors(state, out_dir, max_shard_bytes, metadata)
+    files = save_safetensors(state, out_dir, max_shard_bytes, metadata, progress)
     atomic_write_text(out_dir / PARAMS_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
     files.append(PARAMS_FILE)
     for name, source in (extra_files or {}).items():
