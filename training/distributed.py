@@ -69,5 +69,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Waits for every rank (the main one writes reports last), then tears the group down.
+
+    Destroying the group while a peer is still working can abort the process at exit
+    ("terminate called without an active exception" from gloo's threads).
+    """
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
