@@ -40,9 +40,10 @@ from training.recipe import Recipe
 from training.report import weighted_tokens_markdown, write_run_report
 from weighting import (
     ValueHead,
+    WeightingInputs,
     align_to_heads,
     gae,
-    normalize_scores,
+    get_weighter,
     td_errors,
     terminal_rewards,
     value_loss,
@@ -132,6 +133,7 @@ class Trainer:
         self.ref_store = None
         if r.weighting.algo == "rho1-wmtp" and r.weighting.reference_source == "precomputed":
             self.ref_store = ReferenceCEStore(r.weighting.reference_ce_dir, self.data_key)
+        self.weighter = get_weighter(r.weighting.algo, r.weighting.normalize_config())
         self.value_head = (
             ValueHead(self.args.dim).to(self.device) if r.weighting.algo == "critic-wmtp" else None
         )
@@ -234,31 +236,32 @@ class Trainer:
                 )
         return align_to_heads(ce, self.n_heads)
 
+    def _td_errors(self, batch: Batch, values_box: dict) -> torch.Tensor:
+        """TD errors of the frozen value head, aligned to the heads (computed once per micro-batch)."""
+        if "td" not in values_box:
+            critic = self.recipe.weighting.critic
+            resp = batch.valid[..., 0]
+            rewards = terminal_rewards(resp, batch.token_is_correct, critic.to_config())
+            delta = td_errors(rewards, values_box["values"], resp, critic.gamma)
+            values_box["td"] = align_to_heads(delta, self.n_heads, fill=0.0)
+        return values_box["td"]
+
     def _weights_fn(self, batch: Batch, values_box: dict):
-        """Per-head token weights for this micro-batch, by algorithm."""
-        algo, norm = self.recipe.weighting.algo, self.recipe.weighting.normalize_config()
+        """Per-head token weights for this micro-batch from the registry's weighter, one head at a
+        time (a one-head slice of every input); True when it needs the base model's CE."""
         valid = batch.valid
-        if algo == "baseline":
-            return (lambda k, _ce: valid[..., k].float()), False
-        if algo == "rho1-wmtp":
-            ref = self._reference_ce(batch)
-            return (
-                lambda k, ce: normalize_scores((ref[..., k] - ce).abs(), valid[..., k], norm)
-            ), True
+        ref = self._reference_ce(batch) if self.weighter.name == "rho1-wmtp" else None
 
-        def critic_weights(k: int, _ce: torch.Tensor | None) -> torch.Tensor:
-            if "td" not in values_box:
-                resp = valid[..., 0]
-                rewards = terminal_rewards(
-                    resp, batch.token_is_correct, self.recipe.weighting.critic.to_config()
-                )
-                delta = td_errors(
-                    rewards, values_box["values"], resp, self.recipe.weighting.critic.gamma
-                )
-                values_box["td"] = align_to_heads(delta, self.n_heads, fill=0.0)
-            return normalize_scores(values_box["td"][..., k], valid[..., k], norm)
+        def head_weights(k: int, base_ce: torch.Tensor | None) -> torch.Tensor:
+            one = slice(k, k + 1)
+            inputs = WeightingInputs(valid[..., one])
+            if ref is not None:
+                inputs.base_ce, inputs.ref_ce = base_ce[..., None], ref[..., one]
+            if self.weighter.name == "critic-wmtp":
+                inputs.td_error = self._td_errors(batch, values_box)[..., one]
+            return self.weighter.weights(inputs)[..., 0]
 
-        return critic_weights, False
+        return head_weights, ref is not None
 
     # ---------------------------------------------------------------- steps
     def _micro_batches(self, accum: int) -> list[Batch]:
