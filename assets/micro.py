@@ -99,17 +99,17 @@ def sliced_init(
                 param.copy_(src[tuple(slice(0, s) for s in param.shape)].float())
             elif name == "norm.weight":
                 param.copy_(base_state["norm.weight"][:dim].float())
+        specials = {tok.bos_id: base_tok.bos_id, tok.eos_id: base_tok.eos_id}
+        base_ids = [  # the base tokenisation of each micro piece, computed once for both matrices
+            [specials[p]] if p in specials
+            else base_tok.encode(tok.decode([p]) or tok.id_to_piece(p)) or [base_tok.bos_id]
+            for p in range(tok.n_words)
+        ]  # fmt: skip
+        params = dict(model.named_parameters())
         for key in ("tok_embeddings.weight", "output.weight"):
             base_rows = base_state[key].float()[:, :dim]
-            target = dict(model.named_parameters())[key]
-            for piece_id in range(tok.n_words):
-                text = tok.decode([piece_id]) or tok.id_to_piece(piece_id)
-                ids = base_tok.encode(text) or [
-                    base_tok.eos_id if piece_id == tok.eos_id else base_tok.bos_id
-                ]
-                if piece_id in (tok.bos_id, tok.eos_id):
-                    ids = [base_tok.bos_id if piece_id == tok.bos_id else base_tok.eos_id]
-                target[piece_id] = base_rows[ids].mean(0)
+            for piece_id, ids in enumerate(base_ids):
+                params[key][piece_id] = base_rows[ids].mean(0)
 
 
 def build_micro_model(

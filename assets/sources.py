@@ -10,7 +10,6 @@ with the owner's pid marks a download in progress (cleanup never touches those).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -282,7 +281,3 @@ def hub_list(
         entries = json.load(response)
     return [RemoteFile(repo, e["path"], repo_type, (e.get("lfs") or {}).get("oid"))
             for e in entries if e.get("type") == "file"]  # fmt: skip
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
