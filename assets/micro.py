@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from model.args import ModelArgs
-from model.checkpoint import load_model_dir
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
+from model.weights import load_model_dir
 from runtime.config import MicroConfig
 
 
@@ -51,9 +51,16 @@ def training_code(roots: list[Path], max_bytes: int) -> Iterator[str]:
 
 
 def micro_args(cfg: MicroConfig, reference: bool) -> ModelArgs:
-    return ModelArgs(dim=cfg.dim, n_layers=cfg.ref_n_layers if reference else cfg.n_layers, n_heads=cfg.n_heads,
-                     n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size, multiple_of=cfg.multiple_of,
-                     n_future_tokens=1 if reference else cfg.n_future_tokens, max_seq_len=2048)  # fmt: skip
+    return ModelArgs(
+        dim=cfg.dim,
+        n_layers=cfg.ref_n_layers if reference else cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        vocab_size=cfg.vocab_size,
+        multiple_of=cfg.multiple_of,
+        n_future_tokens=1 if reference else cfg.n_future_tokens,
+        max_seq_len=2048,
+    )
 
 
 def _block_sources(model: Transformer, base: Transformer, reference: bool) -> dict[str, str]:
@@ -101,10 +108,11 @@ def sliced_init(
                 param.copy_(base_state["norm.weight"][:dim].float())
         specials = {tok.bos_id: base_tok.bos_id, tok.eos_id: base_tok.eos_id}
         base_ids = [  # the base tokenisation of each micro piece, computed once for both matrices
-            [specials[p]] if p in specials
+            [specials[p]]
+            if p in specials
             else base_tok.encode(tok.decode([p]) or tok.id_to_piece(p)) or [base_tok.bos_id]
             for p in range(tok.n_words)
-        ]  # fmt: skip
+        ]
         params = dict(model.named_parameters())
         for key in ("tok_embeddings.weight", "output.weight"):
             base_rows = base_state[key].float()[:, :dim]

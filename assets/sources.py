@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.integrity import ChecksumError, sha256_file
 from runtime.config import EnvConfig
+from runtime.integrity import ChecksumError, sha256_file
 
 CHUNK = 1 << 20
 
@@ -156,8 +156,12 @@ class Fetcher:
                     f"S3 mirror s3://{s3.bucket}/{s3.prefix} is configured but no AWS credentials are in the "
                     "environment (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
                 )
-            self._s3 = session.client("s3", region_name=s3.region, endpoint_url=s3.endpoint_url,
-                                      config=Config(retries={"max_attempts": 3}))  # fmt: skip
+            self._s3 = session.client(
+                "s3",
+                region_name=s3.region,
+                endpoint_url=s3.endpoint_url,
+                config=Config(retries={"max_attempts": 3}),
+            )
         return self._s3
 
     def _from_s3(self, f: RemoteFile, part: Path) -> str:
@@ -218,8 +222,12 @@ class Fetcher:
         part = dest.with_name(dest.name + ".part")
         errors = []
         with download_lock(part):
-            for name, source in (("local", self._from_local), ("cache", self._from_cache),
-                                 ("s3", self._from_s3), ("hub", self._from_hub)):  # fmt: skip
+            for name, source in (
+                ("local", self._from_local),
+                ("cache", self._from_cache),
+                ("s3", self._from_s3),
+                ("hub", self._from_hub),
+            ):
                 try:
                     where = source(f, part)
                     digest = _verify(part, f.sha256)
@@ -279,5 +287,8 @@ def hub_list(
         request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
     with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
         entries = json.load(response)
-    return [RemoteFile(repo, e["path"], repo_type, (e.get("lfs") or {}).get("oid"))
-            for e in entries if e.get("type") == "file"]  # fmt: skip
+    return [
+        RemoteFile(repo, e["path"], repo_type, (e.get("lfs") or {}).get("oid"))
+        for e in entries
+        if e.get("type") == "file"
+    ]

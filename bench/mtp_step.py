@@ -22,7 +22,7 @@ import torch
 
 from data.loader import IGNORE_INDEX
 from model import ModelArgs, Transformer
-from training.loss import naive_mtp_loss, sequential_mtp_backward
+from training.loss import mtp_loss_backward, naive_mtp_loss
 
 VARIANTS = ("ntp-naive", "mtp-naive", "mtp-sequential")
 
@@ -49,8 +49,11 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
 
     def step():
         if variant == "mtp-sequential":
-            sequential_mtp_backward(model, tokens, labels, lam, lambda k, _: weights[..., k], denominators,
-                                    chunk=a.chunk, autocast=autocast)  # fmt: skip
+            with autocast():
+                trunk = model(tokens, return_trunk=True)
+            mtp_loss_backward(
+                model, trunk, labels, weights, lam, denominators, a.chunk, compute_dtype=dtype
+            )
         elif variant == "mtp-naive":
             with autocast():
                 loss = naive_mtp_loss(model, tokens, labels, lam, weights, denominators)
@@ -74,10 +77,18 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / a.steps
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
-    return {"variant": variant, "device": device.type, "tokens_per_s": round(a.batch * a.seq / seconds),
-            "step_s": round(seconds, 3), "peak_mib": round(peak / 2**20)}  # fmt: skip
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "variant": variant,
+        "device": device.type,
+        "tokens_per_s": round(a.batch * a.seq / seconds),
+        "step_s": round(seconds, 3),
+        "peak_mib": round(peak / 2**20),
+    }
 
 
 def main() -> None:
@@ -97,8 +108,12 @@ def main() -> None:
     passthrough = sys.argv[1:]
     rows = []
     for variant in VARIANTS:
-        out = subprocess.run([sys.executable, "-m", "bench.mtp_step", "--variant", variant, *passthrough],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.mtp_step", "--variant", variant, *passthrough],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps({"config": vars(a), "results": rows}, indent=2))
 

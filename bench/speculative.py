@@ -16,8 +16,8 @@ import torch
 
 from evaluation.generation import SamplingConfig, generate, speculative_greedy
 from evaluation.tasks import humaneval_problems
-from model.checkpoint import build_model, load_checkpoint_dir
 from model.tokenizer import Tokenizer
+from model.weights import build_model, load_checkpoint_dir
 
 
 def main() -> None:
@@ -47,11 +47,21 @@ def main() -> None:
         plain_tokens += len(plain.tokens)
         spec_tokens += len(spec.tokens)
         accepted += acc
-    print(json.dumps({"ckpt": str(a.ckpt), "device": device.type, "prompts": len(problems),
-                      "tokens": plain_tokens, "plain_tokens_per_s": round(plain_tokens / plain_s, 1),
-                      "speculative_tokens_per_s": round(spec_tokens / spec_s, 1),
-                      "speedup": round((spec_tokens / spec_s) / (plain_tokens / plain_s), 2),
-                      "mean_accepted_per_forward": round(sum(accepted) / len(accepted), 3)}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "ckpt": str(a.ckpt),
+                "device": device.type,
+                "prompts": len(problems),
+                "tokens": plain_tokens,
+                "plain_tokens_per_s": round(plain_tokens / plain_s, 1),
+                "speculative_tokens_per_s": round(spec_tokens / spec_s, 1),
+                "speedup": round((spec_tokens / spec_s) / (plain_tokens / plain_s), 2),
+                "mean_accepted_per_forward": round(sum(accepted) / len(accepted), 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

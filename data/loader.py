@@ -13,7 +13,6 @@ token is part of the response (response + eos): prompts, padding and other sampl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,13 +51,14 @@ class Batch:
         """(B, L, H) bool: where head k at position t has a target."""
         return self.labels != IGNORE_INDEX
 
-    @property
-    def n_target_tokens(self) -> int:
-        return int(self.valid.sum())
-
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.tokens.to(device), self.labels.to(device), self.segment_ids.to(device),
-                     self.token_is_correct.to(device), self.sample_ids)  # fmt: skip
+        return Batch(
+            self.tokens.to(device),
+            self.labels.to(device),
+            self.segment_ids.to(device),
+            self.token_is_correct.to(device),
+            self.sample_ids,
+        )
 
 
 def head_labels(sample: np.ndarray, prompt_len: int, n_heads: int) -> np.ndarray:
@@ -160,16 +160,16 @@ class TrainLoader:
                 segments[b, pos:end] = seg
                 correct[b, pos:end] = self.data.is_correct[index]
                 pos = end
-        return Batch(torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(segments),
-                     torch.from_numpy(correct),
-                     [[self.data.sample_ids[i] for i in row] for row in rows])  # fmt: skip
+        return Batch(
+            torch.from_numpy(tokens),
+            torch.from_numpy(labels),
+            torch.from_numpy(segments),
+            torch.from_numpy(correct),
+            [[self.data.sample_ids[i] for i in row] for row in rows],
+        )
 
     def next_batch(self) -> Batch:
         rows = [self._row() for _ in range(self.world_size * self.config.batch_size)]
         mine = rows[self.rank * self.config.batch_size : (self.rank + 1) * self.config.batch_size]
         self.step += 1
         return self._collate(mine)
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next_batch()

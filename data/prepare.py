@@ -42,8 +42,8 @@ from data.readers import (
 )
 from data.records import SCHEMA, DataError, Record, write_records
 from data.splits import SMALL_SPLITS, SPLITS, mbpp_upstream_split, seeded_split, small_subset
-from model.integrity import write_sha256sums
 from model.tokenizer import Tokenizer
+from runtime.integrity import write_sha256sums
 
 DATASETS = ("codecontests", "mbpp", "humaneval", "tasks")
 
@@ -55,8 +55,12 @@ def source_files(dataset: str, source: Path | None) -> list[Path]:
         raise DataError(f"--source-dir is required for {dataset}")
     if source.is_file():
         return [source]
-    patterns = {"mbpp": ["mbpp.jsonl"], "humaneval": ["HumanEval.jsonl*"], "tasks": ["*.jsonl"],
-                "codecontests": ["**/*.parquet", "**/*.jsonl", "**/*.jsonl.gz"]}[dataset]  # fmt: skip
+    patterns = {
+        "mbpp": ["mbpp.jsonl"],
+        "humaneval": ["HumanEval.jsonl*"],
+        "tasks": ["*.jsonl"],
+        "codecontests": ["**/*.parquet", "**/*.jsonl", "**/*.jsonl.gz"],
+    }[dataset]
     files = sorted({p for pattern in patterns for p in source.glob(pattern)})
     if not files:
         raise DataError(f"{source}: no {dataset} files matching {patterns}")
@@ -159,11 +163,15 @@ def prepare(
         splits[name] = small_subset(splits[parent], limit, seed)
     summary = summarize(splits, counts, time.perf_counter() - start)
     manifest = {
-        "dataset": dataset, "data_version": sha256_of_sources(files), "seed": seed,
-        "template": TEMPLATE_VERSION, "tokenizer_sha256": tok.sha256(), "config": asdict(cfg),
+        "dataset": dataset,
+        "data_version": sha256_of_sources(files),
+        "seed": seed,
+        "template": TEMPLATE_VERSION,
+        "tokenizer_sha256": tok.sha256(),
+        "config": asdict(cfg),
         "sources": [str(f) for f in files],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
     write_outputs(output, splits, manifest, summary)
     return summary
 
@@ -218,10 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        cfg = ProcessConfig(max_length=args.max_length, languages=tuple(args.languages.split(",")),
-                            max_solutions_per_task=args.max_solutions_per_task)  # fmt: skip
-        summary = prepare(args.dataset, args.source_dir, args.output_dir, args.tokenizer, cfg,
-                          args.seed, args.mbpp)  # fmt: skip
+        cfg = ProcessConfig(
+            max_length=args.max_length,
+            languages=tuple(args.languages.split(",")),
+            max_solutions_per_task=args.max_solutions_per_task,
+        )
+        summary = prepare(
+            args.dataset,
+            args.source_dir,
+            args.output_dir,
+            args.tokenizer,
+            cfg,
+            args.seed,
+            args.mbpp,
+        )
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,11 +114,19 @@ def problem_records(problem: Problem, tok: Tokenizer, cfg: ProcessConfig) -> Ite
         problem.solutions[: cfg.max_solutions_per_task]
     ):
         prompt, response, info = fit_length(problem, code, tok, cfg)
-        yield Record(prompt, response, {
-            "task_id": problem.task_id, "sample_id": f"{problem.task_id}#{index}",
-            "source": problem.source, "is_correct": is_correct, "has_tests": problem.has_tests,
-            "language": language, **info,
-        })  # fmt: skip
+        yield Record(
+            prompt,
+            response,
+            {
+                "task_id": problem.task_id,
+                "sample_id": f"{problem.task_id}#{index}",
+                "source": problem.source,
+                "is_correct": is_correct,
+                "has_tests": problem.has_tests,
+                "language": language,
+                **info,
+            },
+        )
 
 
 def dedupe_solutions(
@@ -137,11 +145,14 @@ def dedupe_solutions(
 def mbpp_problem(raw: dict) -> Problem:
     tests = "\n".join(raw["test_list"])
     return Problem(
-        task_id=f"mbpp/{raw['task_id']}", source="mbpp", instruction=raw["text"],
+        task_id=f"mbpp/{raw['task_id']}",
+        source="mbpp",
+        instruction=raw["text"],
         input=f"Your code should pass these tests:\n{tests}",
         notes="Python 3. Define the function exactly as the tests call it.",
-        solutions=[(normalize_code(raw["code"]), True, "python3")], has_tests=bool(raw["test_list"]),
-    )  # fmt: skip
+        solutions=[(normalize_code(raw["code"]), True, "python3")],
+        has_tests=bool(raw["test_list"]),
+    )
 
 
 def tasks_problem(raw: dict) -> tuple[Problem, int]:
@@ -150,22 +161,27 @@ def tasks_problem(raw: dict) -> tuple[Problem, int]:
     solutions, dropped = dedupe_solutions(correct, incorrect)
     tests = "\n".join(raw["tests"])
     problem = Problem(
-        task_id=raw["task_id"], source="synthetic", instruction=raw["text"],
+        task_id=raw["task_id"],
+        source="synthetic",
+        instruction=raw["text"],
         input=f"Your code should pass these tests:\n{tests}",
         notes="Python 3. Define the function exactly as the tests call it.",
-        solutions=solutions, has_tests=bool(raw["tests"]),
-    )  # fmt: skip
+        solutions=solutions,
+        has_tests=bool(raw["tests"]),
+    )
     return problem, dropped
 
 
 def humaneval_problem(raw: dict) -> Problem:
     return Problem(
-        task_id=raw["task_id"], source="humaneval",
-        instruction="Complete the following Python function.", input=raw["prompt"],
+        task_id=raw["task_id"],
+        source="humaneval",
+        instruction="Complete the following Python function.",
+        input=raw["prompt"],
         notes=f"Python 3. The function `{raw['entry_point']}` is tested by hidden unit tests.",
         solutions=[(normalize_code(raw["prompt"] + raw["canonical_solution"]), True, "python3")],
         has_tests=True,
-    )  # fmt: skip
+    )
 
 
 def _solutions(block: dict, where: str, languages: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -193,10 +209,17 @@ def codecontests_problem(raw: dict, cfg: ProcessConfig) -> tuple[Problem, int]:
     source_name = (
         CODECONTESTS_SOURCES[source] if isinstance(source, int) and source < 7 else str(source)
     )
-    notes = (f"Language: Python 3. Read from standard input, write to standard output. "
-             f"Difficulty: {raw.get('difficulty', 'unknown')}. Source: {source_name}.")  # fmt: skip
+    notes = (
+        f"Language: Python 3. Read from standard input, write to standard output. "
+        f"Difficulty: {raw.get('difficulty', 'unknown')}. Source: {source_name}."
+    )
     problem = Problem(
-        task_id=f"codecontests/{raw['name']}", source="codecontests", instruction=raw["description"],
-        input=example, notes=notes, solutions=solutions, has_tests=n_tests > 0,
-    )  # fmt: skip
+        task_id=f"codecontests/{raw['name']}",
+        source="codecontests",
+        instruction=raw["description"],
+        input=example,
+        notes=notes,
+        solutions=solutions,
+        has_tests=n_tests > 0,
+    )
     return problem, dropped

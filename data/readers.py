@@ -6,21 +6,33 @@ fields processing needs are there; every error names the file and line (or parqu
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data.records import DataError
+from data.records import DataError, iter_jsonl
 
 # deepmind/code_contests ClassLabel names, in id order.
 CODECONTESTS_LANGUAGES = ["UNKNOWN_LANGUAGE", "PYTHON", "CPP", "PYTHON3", "JAVA"]
-CODECONTESTS_SOURCES = ["UNKNOWN_SOURCE", "CODECHEF", "CODEFORCES", "HACKEREARTH", "CODEJAM",
-                        "ATCODER", "AIZU"]  # fmt: skip
-CODECONTESTS_REQUIRED = ("name", "description", "public_tests", "private_tests",
-                         "generated_tests", "solutions", "incorrect_solutions")  # fmt: skip
+CODECONTESTS_SOURCES = [
+    "UNKNOWN_SOURCE",
+    "CODECHEF",
+    "CODEFORCES",
+    "HACKEREARTH",
+    "CODEJAM",
+    "ATCODER",
+    "AIZU",
+]
+CODECONTESTS_REQUIRED = (
+    "name",
+    "description",
+    "public_tests",
+    "private_tests",
+    "generated_tests",
+    "solutions",
+    "incorrect_solutions",
+)
 MBPP_REQUIRED = ("task_id", "text", "code", "test_list", "test_setup_code")
 HUMANEVAL_REQUIRED = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 TASKS_REQUIRED = ("task_id", "text", "entry_point", "tests", "solutions")
@@ -35,23 +47,9 @@ def _require(obj: Any, fields: tuple[str, ...], where: str) -> dict:
     return obj
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
-
-
 def read_jsonl_objects(path: str | Path, required: tuple[str, ...]) -> Iterator[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    for lineno, line in _jsonl_lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    for lineno, obj in iter_jsonl(path):
         yield _require(obj, required, f"{path}:{lineno}")
 
 
@@ -93,18 +91,11 @@ def read_codecontests(source: str | Path) -> Iterator[dict]:
         if path.suffix == ".parquet":
             rows = _parquet_rows(path)
         else:
-            rows = ((f"{path}:{n}", _loads(line, path, n)) for n, line in _jsonl_lines(path))
+            rows = ((f"{path}:{n}", row) for n, row in iter_jsonl(path))
         for where, row in rows:
             problem = _require(row, CODECONTESTS_REQUIRED, where)
             problem["_where"] = where
             yield problem
-
-
-def _loads(line: str, path: Path, lineno: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
 
 
 def read_mbpp(path: str | Path) -> Iterator[dict]:
@@ -112,7 +103,7 @@ def read_mbpp(path: str | Path) -> Iterator[dict]:
 
 
 def read_tasks(path: str | Path) -> Iterator[dict]:
-    """The synthetic task set of data.synthetic_tasks (solutions labelled by running their tests)."""
+    """The synthetic task set of launch.synthetic_tasks (solutions labelled by running their tests)."""
     for task in read_jsonl_objects(path, TASKS_REQUIRED):
         for i, solution in enumerate(task["solutions"]):
             if (

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.integrity import atomic_path
+from runtime.integrity import atomic_path
 
 METADATA_FIELDS: dict[str, type | tuple[type, ...]] = {
     "task_id": str,
@@ -97,16 +98,28 @@ def schema_errors(obj: Any) -> list[str]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded object) for each non-blank line; invalid JSON names file:line."""
+    """(line number, decoded object) for each non-blank line of a JSONL (or .jsonl.gz) file.
+
+    Invalid JSON, a missing file or bytes that are not UTF-8 raise DataError naming file and line.
+    """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text (is it a JSONL file?)") from None
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
 
 
 def read_records(path: str | Path) -> list[Record]:

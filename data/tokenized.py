@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data.records import read_records
-from model.integrity import atomic_path, sha256_file
 from model.tokenizer import Tokenizer
+from runtime.integrity import atomic_path, sha256_file
 
 TOKENIZATION_VERSION = "bos-prompt-response-eos-v1"
 
@@ -109,10 +109,13 @@ def _load(path: Path) -> TokenizedSplit:
         meta = f.metadata()
         arrays = {k: f.get_tensor(k) for k in ("tokens", "offsets", "prompt_lens", "is_correct")}
     return TokenizedSplit(
-        tokens=arrays["tokens"], offsets=arrays["offsets"], prompt_lens=arrays["prompt_lens"],
-        is_correct=arrays["is_correct"].astype(bool), sample_ids=json.loads(meta["sample_ids"]),
+        tokens=arrays["tokens"],
+        offsets=arrays["offsets"],
+        prompt_lens=arrays["prompt_lens"],
+        is_correct=arrays["is_correct"].astype(bool),
+        sample_ids=json.loads(meta["sample_ids"]),
         key=meta["key"],
-    )  # fmt: skip
+    )
 
 
 def load_tokenized(

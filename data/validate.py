@@ -17,27 +17,20 @@ from data.leakage import BenchmarkIndex
 from data.process import count_tokens
 from data.records import DataError, Record, iter_jsonl, schema_errors
 from data.splits import SMALL_SPLITS, SPLITS
-from model.integrity import ChecksumError, read_sha256sums, sha256_file
 from model.tokenizer import Tokenizer
+from runtime.integrity import SUMS_FILE, read_sha256sums, sha256sums_problems
 
 TRAINING_SPLITS = ("train", "train_small")
 
 
 def check_checksums(processed: Path) -> list[str]:
-    try:
-        expected = read_sha256sums(processed)
-    except ChecksumError as exc:
-        return [str(exc)]
-    problems = []
-    for name, digest in expected.items():
-        path = processed / name
-        if not path.is_file():
-            problems.append(f"{path}: listed in SHA256SUMS but missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{path}: SHA256 mismatch (modified or corrupted)")
-    unlisted = {p.name for p in processed.glob("*.jsonl")} - set(expected)
-    problems += [f"{processed / name}: not listed in SHA256SUMS" for name in sorted(unlisted)]
-    return problems
+    """Every file of processed/ that is missing, corrupted or not listed in SHA256SUMS."""
+    if not (processed / SUMS_FILE).is_file():
+        return sha256sums_problems(processed)
+    listed = read_sha256sums(processed)
+    problems = [f"{name}: {p}" for name in listed for p in sha256sums_problems(processed, [name])]
+    unlisted = {p.name for p in processed.glob("*.jsonl")} - set(listed)
+    return problems + [f"{processed / name}: not listed in SHA256SUMS" for name in sorted(unlisted)]
 
 
 def load_split(path: Path, problems: list[str]) -> list[Record]:

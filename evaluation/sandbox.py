@@ -123,8 +123,15 @@ class Sandbox:
             wd = Path(workdir)
             (wd / "program.py").write_text(program)
             (wd / "stdin.txt").write_text(stdin)
-            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0",
-                   "PYTHONDONTWRITEBYTECODE": "1", "WMTP_NONCE": nonce, "LANG": "C.UTF-8"}  # fmt: skip
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": workdir,
+                "TMPDIR": workdir,
+                "PYTHONHASHSEED": "0",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "WMTP_NONCE": nonce,
+                "LANG": "C.UTF-8",
+            }
             with (
                 open(wd / "stdin.txt", "rb") as fin,
                 open(wd / "stdout.txt", "wb") as fout,
@@ -132,9 +139,14 @@ class Sandbox:
             ):
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-B", str(RUNNER), "program.py", "result.txt"],
-                    cwd=workdir, env=env, stdin=fin, stdout=fout, stderr=ferr, start_new_session=True,
+                    cwd=workdir,
+                    env=env,
+                    stdin=fin,
+                    stdout=fout,
+                    stderr=ferr,
+                    start_new_session=True,
                     preexec_fn=_preexec(self.limits, workdir, self.isolation == "namespaces"),
-                )  # fmt: skip
+                )
                 status = None
                 try:
                     proc.wait(timeout=self.limits.timeout_s)

@@ -54,11 +54,22 @@ def mbpp_problems(
         if style == "standard":
             prompt, stop = shots + _mbpp_block(p, False), MBPP_STOP
         else:
-            prompt = render_prompt(p["text"], "Your code should pass these tests:\n" + "\n".join(p["test_list"]),
-                                   "Python 3. Define the function exactly as the tests call it.")  # fmt: skip
+            prompt = render_prompt(
+                p["text"],
+                "Your code should pass these tests:\n" + "\n".join(p["test_list"]),
+                "Python 3. Define the function exactly as the tests call it.",
+            )
             stop = ["\n### "]
-        problems.append(Problem(f"mbpp/{task_id}", "mbpp", prompt, stop, test_program=tests,
-                                reference=p["code"].replace("\r\n", "\n")))  # fmt: skip
+        problems.append(
+            Problem(
+                f"mbpp/{task_id}",
+                "mbpp",
+                prompt,
+                stop,
+                test_program=tests,
+                reference=p["code"].replace("\r\n", "\n"),
+            )
+        )
     return problems
 
 
@@ -69,13 +80,33 @@ def humaneval_problems(
     for p in read_humaneval(path):
         check = f"{p['test']}\ncheck({p['entry_point']})\n"
         if style == "standard":
-            problems.append(Problem(p["task_id"], "humaneval", p["prompt"], HUMANEVAL_STOP, test_program=check,
-                                    reference=p["canonical_solution"], completion_prefix=p["prompt"]))  # fmt: skip
+            problems.append(
+                Problem(
+                    p["task_id"],
+                    "humaneval",
+                    p["prompt"],
+                    HUMANEVAL_STOP,
+                    test_program=check,
+                    reference=p["canonical_solution"],
+                    completion_prefix=p["prompt"],
+                )
+            )
         else:
-            prompt = render_prompt("Complete the following Python function.", p["prompt"],
-                                   f"Python 3. The function `{p['entry_point']}` is tested by hidden unit tests.")  # fmt: skip
-            problems.append(Problem(p["task_id"], "humaneval", prompt, ["\n### "], test_program=check,
-                                    reference=p["prompt"] + p["canonical_solution"]))  # fmt: skip
+            prompt = render_prompt(
+                "Complete the following Python function.",
+                p["prompt"],
+                f"Python 3. The function `{p['entry_point']}` is tested by hidden unit tests.",
+            )
+            problems.append(
+                Problem(
+                    p["task_id"],
+                    "humaneval",
+                    prompt,
+                    ["\n### "],
+                    test_program=check,
+                    reference=p["prompt"] + p["canonical_solution"],
+                )
+            )
     return problems
 
 
@@ -96,30 +127,52 @@ def codecontests_problems(path: str | Path, max_tests: int | None = None) -> lis
         example = (
             f"Example input:\n{public[0][0]}\nExample output:\n{public[0][1]}" if public else ""
         )
-        prompt = render_prompt(raw["description"], example,
-                               "Language: Python 3. Read from standard input, write to standard output.")  # fmt: skip
+        prompt = render_prompt(
+            raw["description"],
+            example,
+            "Language: Python 3. Read from standard input, write to standard output.",
+        )
         reference = ""
         sols = raw["solutions"] or {}
         for lang, code in zip(sols.get("language", []), sols.get("solution", []), strict=False):
             if lang in (3, "PYTHON3"):
                 reference = code
                 break
-        problems.append(Problem(f"codecontests/{raw['name']}", "codecontests", prompt, ["\n### "],
-                                io_tests=tests[:max_tests], reference=reference))  # fmt: skip
+        problems.append(
+            Problem(
+                f"codecontests/{raw['name']}",
+                "codecontests",
+                prompt,
+                ["\n### "],
+                io_tests=tests[:max_tests],
+                reference=reference,
+            )
+        )
     return problems
 
 
 def synthetic_problems(raw_path: str | Path, task_ids: set[str] | None = None) -> list[Problem]:
-    """Tasks of data.synthetic_tasks (only `task_ids`, e.g. the test split), in the training template."""
+    """Tasks of launch.synthetic_tasks (only `task_ids`, e.g. the test split), in the training template."""
     problems = []
     for raw in read_tasks(raw_path):
         if task_ids is not None and raw["task_id"] not in task_ids:
             continue
-        prompt = render_prompt(raw["text"], "Your code should pass these tests:\n" + "\n".join(raw["tests"]),
-                               "Python 3. Define the function exactly as the tests call it.")  # fmt: skip
+        prompt = render_prompt(
+            raw["text"],
+            "Your code should pass these tests:\n" + "\n".join(raw["tests"]),
+            "Python 3. Define the function exactly as the tests call it.",
+        )
         reference = next(s["code"] for s in raw["solutions"] if s["is_correct"])
-        problems.append(Problem(raw["task_id"], "tasks", prompt, ["\n### "], test_program="\n".join(raw["tests"]),
-                                reference=reference))  # fmt: skip
+        problems.append(
+            Problem(
+                raw["task_id"],
+                "tasks",
+                prompt,
+                ["\n### "],
+                test_program="\n".join(raw["tests"]),
+                reference=reference,
+            )
+        )
     return problems
 
 

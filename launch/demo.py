@@ -42,13 +42,34 @@ class DemoSettings:
     task_variants: int
 
 
-FULL = DemoSettings(micro={}, corpus_mb=6.0, pretrain_steps=80, pretrain_chunks=2000, experiment_steps=250,
-                    stage1_steps=60, seq_len=512, eval_tasks_limit=None, humaneval_limit=10, n_samples=5,
-                    max_new_tokens=128, task_variants=8)  # fmt: skip
-QUICK = DemoSettings(micro={"dim": 64, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "vocab_size": 1000},
-                     corpus_mb=0.6, pretrain_steps=12, pretrain_chunks=300, experiment_steps=8, stage1_steps=4,
-                     seq_len=512, eval_tasks_limit=4, humaneval_limit=2, n_samples=2, max_new_tokens=16,
-                     task_variants=2)  # fmt: skip
+FULL = DemoSettings(
+    micro={},
+    corpus_mb=6.0,
+    pretrain_steps=80,
+    pretrain_chunks=2000,
+    experiment_steps=250,
+    stage1_steps=60,
+    seq_len=512,
+    eval_tasks_limit=None,
+    humaneval_limit=10,
+    n_samples=5,
+    max_new_tokens=128,
+    task_variants=8,
+)
+QUICK = DemoSettings(
+    micro={"dim": 64, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "vocab_size": 1000},
+    corpus_mb=0.6,
+    pretrain_steps=12,
+    pretrain_chunks=300,
+    experiment_steps=8,
+    stage1_steps=4,
+    seq_len=512,
+    eval_tasks_limit=4,
+    humaneval_limit=2,
+    n_samples=2,
+    max_new_tokens=16,
+    task_variants=2,
+)
 
 
 class Stages:
@@ -63,8 +84,11 @@ class Stages:
         return time.perf_counter()
 
     def done(self, start: float, note: str = "") -> None:
-        print(f"[demo {self.n}/{self.total}] done in {time.perf_counter() - start:.0f}s "
-              f"(total {time.perf_counter() - self.t0:.0f}s) {note}", flush=True)  # fmt: skip
+        print(
+            f"[demo {self.n}/{self.total}] done in {time.perf_counter() - start:.0f}s "
+            f"(total {time.perf_counter() - self.t0:.0f}s) {note}",
+            flush=True,
+        )
 
 
 def check(code: int, what: str) -> None:
@@ -93,9 +117,21 @@ def stdlib_chunks(max_chars: int, limit: int, seed: int) -> list[str]:
 
 def write_pretrain_corpus(out: Path, settings: DemoSettings) -> Path:
     chunks = stdlib_chunks(700, settings.pretrain_chunks + 200, seed=0)
-    records = [Record("", c, {"task_id": f"stdlib/{i}", "sample_id": f"stdlib/{i}", "source": "synthetic",
-                              "is_correct": True, "has_tests": False, "language": "python3"})
-               for i, c in enumerate(chunks)]  # fmt: skip
+    records = [
+        Record(
+            "",
+            c,
+            {
+                "task_id": f"stdlib/{i}",
+                "sample_id": f"stdlib/{i}",
+                "source": "synthetic",
+                "is_correct": True,
+                "has_tests": False,
+                "language": "python3",
+            },
+        )
+        for i, c in enumerate(chunks)
+    ]
     write_records(out / "train.jsonl", records[200:])
     write_records(out / "validation_small.jsonl", records[:32])
     return out / "train.jsonl"
@@ -103,9 +139,12 @@ def write_pretrain_corpus(out: Path, settings: DemoSettings) -> Path:
 
 def write_config(out: Path, settings: DemoSettings) -> Path:
     micro = {"max_corpus_mb": settings.corpus_mb, **settings.micro}
-    config = {"storage": {"root": str(out / "storage"), "cache_dir": str(out / "cache")},
-              "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
-              "assets": {"micro": micro}, "hardware": {"peak_tflops": 1.0}}  # fmt: skip
+    config = {
+        "storage": {"root": str(out / "storage"), "cache_dir": str(out / "cache")},
+        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
+        "assets": {"micro": micro},
+        "hardware": {"peak_tflops": 1.0},
+    }
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -123,9 +162,9 @@ def train(recipe: str, overrides: list[str], config: Path) -> None:
 def run(out: Path, settings: DemoSettings) -> Path:
     from data.prepare import prepare
     from data.process import ProcessConfig
-    from data.synthetic_tasks import write_tasks
     from eval_harness import main as eval_main
     from launch.demo_report import write_summary
+    from launch.synthetic_tasks import write_tasks
     from prepare_assets import main as assets_main
 
     stages = Stages(7)
@@ -149,8 +188,14 @@ def run(out: Path, settings: DemoSettings) -> Path:
     stages.done(t)
 
     t = stages.start("process the tasks (Alpaca template, splits by task, stats)")
-    summary = prepare("tasks", tasks_dir / "raw", tasks_dir, tokenizer, ProcessConfig(max_length=settings.seq_len),
-                      humaneval_for_decontamination=True)  # fmt: skip
+    summary = prepare(
+        "tasks",
+        tasks_dir / "raw",
+        tasks_dir,
+        tokenizer,
+        ProcessConfig(max_length=settings.seq_len),
+        humaneval_for_decontamination=True,
+    )
     stages.done(t, json.dumps(summary["records"]))
 
     runs = out / "runs"
@@ -161,30 +206,50 @@ def run(out: Path, settings: DemoSettings) -> Path:
     corpus = write_pretrain_corpus(
         storage / "datasets_local_small" / "stdlib" / "processed", settings
     )
-    pretrain = [f"model.base={storage / 'models_v2' / 'micro-mtp' / 'safetensors'}", f"model.tokenizer={tokenizer}",
-                f"data.train={corpus}", f"data.validation={corpus.with_name('validation_small.jsonl')}",
-                "data.dataset=stdlib", f"train.max_steps={settings.pretrain_steps}", "train.lr=2e-3",
-                "train.eval_every=0", *common]  # fmt: skip
+    pretrain = [
+        f"model.base={storage / 'models_v2' / 'micro-mtp' / 'safetensors'}",
+        f"model.tokenizer={tokenizer}",
+        f"data.train={corpus}",
+        f"data.validation={corpus.with_name('validation_small.jsonl')}",
+        "data.dataset=stdlib",
+        f"train.max_steps={settings.pretrain_steps}",
+        "train.lr=2e-3",
+        "train.eval_every=0",
+        *common,
+    ]
     train(
         "micro-baseline.yaml",
         [*pretrain, f"run.output_dir={runs / 'pretrain-mtp'}", "run.name=pretrain-mtp"],
         config,
     )
-    train("micro-baseline.yaml", [*pretrain, f"run.output_dir={runs / 'pretrain-ref'}", "run.name=pretrain-ref",
-                                  f"model.base={storage / 'models_v2' / 'micro-ref' / 'safetensors'}",
-                                  "model.require_mtp=false"], config)  # fmt: skip
+    train(
+        "micro-baseline.yaml",
+        [
+            *pretrain,
+            f"run.output_dir={runs / 'pretrain-ref'}",
+            "run.name=pretrain-ref",
+            f"model.base={storage / 'models_v2' / 'micro-ref' / 'safetensors'}",
+            "model.require_mtp=false",
+        ],
+        config,
+    )
     stages.done(t)
 
     base, ref = (
         runs / "pretrain-mtp" / "export" / "final",
         runs / "pretrain-ref" / "export" / "final",
     )
-    experiment = [f"model.base={base}", f"model.tokenizer={tokenizer}", f"model.reference={ref}",
-                  f"data.train={tasks_dir / 'processed' / 'train.jsonl'}",
-                  f"data.validation={tasks_dir / 'processed' / 'validation_small.jsonl'}",
-                  f"train.max_steps={settings.experiment_steps}",
-                  f"train.eval_every={max(settings.experiment_steps // 3, 1)}",
-                  f"weighting.critic.stage1_steps={settings.stage1_steps}", *common]  # fmt: skip
+    experiment = [
+        f"model.base={base}",
+        f"model.tokenizer={tokenizer}",
+        f"model.reference={ref}",
+        f"data.train={tasks_dir / 'processed' / 'train.jsonl'}",
+        f"data.validation={tasks_dir / 'processed' / 'validation_small.jsonl'}",
+        f"train.max_steps={settings.experiment_steps}",
+        f"train.eval_every={max(settings.experiment_steps // 3, 1)}",
+        f"weighting.critic.stage1_steps={settings.stage1_steps}",
+        *common,
+    ]
     algos = {
         "baseline": "micro-baseline.yaml",
         "rho1-wmtp": "micro-rho1.yaml",
@@ -212,16 +277,65 @@ def run(out: Path, settings: DemoSettings) -> Path:
             "--max-new-tokens",
             str(settings.max_new_tokens),
         ]
-        tasks_eval = ["--tasks", "tasks", "--synthetic", str(tasks_dir / "raw" / "tasks.jsonl"),
-                      "--synthetic-split", str(tasks_dir / "processed" / "test.jsonl"), "--prompt-style", "alpaca"]  # fmt: skip
-        check(eval_main([*common_eval, *tasks_eval, *limit, "--n-samples", str(settings.n_samples),
-                         "--output-dir", str(runs / algo / "eval")]), f"eval {algo}")  # fmt: skip
-        check(eval_main([*common_eval, "--tasks", "humaneval", "--prompt-style", "alpaca", "--limit",
-                         str(settings.humaneval_limit), "--n-samples", str(settings.n_samples),
-                         "--output-dir", str(runs / algo / "eval-humaneval")]), f"eval humaneval {algo}")  # fmt: skip
+        tasks_eval = [
+            "--tasks",
+            "tasks",
+            "--synthetic",
+            str(tasks_dir / "raw" / "tasks.jsonl"),
+            "--synthetic-split",
+            str(tasks_dir / "processed" / "test.jsonl"),
+            "--prompt-style",
+            "alpaca",
+        ]
+        check(
+            eval_main(
+                [
+                    *common_eval,
+                    *tasks_eval,
+                    *limit,
+                    "--n-samples",
+                    str(settings.n_samples),
+                    "--output-dir",
+                    str(runs / algo / "eval"),
+                ]
+            ),
+            f"eval {algo}",
+        )
+        check(
+            eval_main(
+                [
+                    *common_eval,
+                    "--tasks",
+                    "humaneval",
+                    "--prompt-style",
+                    "alpaca",
+                    "--limit",
+                    str(settings.humaneval_limit),
+                    "--n-samples",
+                    str(settings.n_samples),
+                    "--output-dir",
+                    str(runs / algo / "eval-humaneval"),
+                ]
+            ),
+            f"eval humaneval {algo}",
+        )
         for name, flags in (("eval-greedy", []), ("eval-speculative", ["--speculative"])):
-            check(eval_main([*common_eval, *tasks_eval, *limit, "--temperature", "0", *flags, "--no-mlflow",
-                             "--output-dir", str(runs / algo / name)]), f"{name} {algo}")  # fmt: skip
+            check(
+                eval_main(
+                    [
+                        *common_eval,
+                        *tasks_eval,
+                        *limit,
+                        "--temperature",
+                        "0",
+                        *flags,
+                        "--no-mlflow",
+                        "--output-dir",
+                        str(runs / algo / name),
+                    ]
+                ),
+                f"{name} {algo}",
+            )
     stages.done(t)
 
     t = stages.start("comparison report")

@@ -7,7 +7,7 @@ import shutil
 from html import escape
 from pathlib import Path
 
-from model.integrity import atomic_write_text
+from runtime.integrity import atomic_write_text
 from runtime.plots import line_chart_svg
 
 
@@ -33,10 +33,12 @@ def run_facts(run: Path) -> dict:
     return {
         "history": steps,
         "run_id": history_file.name.removesuffix("_history.json") if history_file else "?",
-        "final_loss": last.get("loss"), "ce_head0": last.get("ce_head0"),
+        "final_loss": last.get("loss"),
+        "ce_head0": last.get("ce_head0"),
         "val_loss": next((h["val_loss"] for h in reversed(steps) if "val_loss" in h), None),
         "train_tokens_per_s": sum(h["tokens_per_s"] for h in steps) / len(steps) if steps else None,
-        "weight_std": last.get("weight_std"), "clipped": last.get("weight_clipped_fraction"),
+        "weight_std": last.get("weight_std"),
+        "clipped": last.get("weight_clipped_fraction"),
         "tasks_pass@1": tasks.get("pass@k", {}).get("pass@1"),
         "humaneval_pass@1": humaneval.get("pass@k", {}).get("pass@1"),
         "decode_tokens_per_s": tasks.get("tokens_per_s"),
@@ -47,7 +49,7 @@ def run_facts(run: Path) -> dict:
         "spec_pass@1": spec.get("pass@k", {}).get("pass@1"),
         "weights_svg": _latest(reports, "*_weights.svg"),
         "token_weights": _read(_latest(reports, "*_token_weights.json") or Path("/nonexistent")),
-    }  # fmt: skip
+    }
 
 
 def _same_completions(a: Path, b: Path) -> str:
@@ -67,12 +69,14 @@ def _fmt(value, digits: int = 3) -> str:
 
 def heatmap_html(facts: dict[str, dict], n_examples: int = 2, max_tokens: int = 160) -> str:
     """The same training examples under each algorithm: background intensity = token weight."""
-    parts = ["<!doctype html><meta charset='utf-8'><title>WMTP token weights</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;"
-             "font-family:monospace;line-height:1.7}span{border-radius:3px;padding:1px 0}</style>",
-             "<h1>Token weights of the first training step (head 0)</h1>",
-             "<p>Each algorithm saw the same rows (same seed and data order). Red = weight above 1, "
-             "blue = below 1; hover for the value. Prompt tokens carry no loss and are not shown.</p>"]  # fmt: skip
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>WMTP token weights</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;"
+        "font-family:monospace;line-height:1.7}span{border-radius:3px;padding:1px 0}</style>",
+        "<h1>Token weights of the first training step (head 0)</h1>",
+        "<p>Each algorithm saw the same rows (same seed and data order). Red = weight above 1, "
+        "blue = below 1; hover for the value. Prompt tokens carry no loss and are not shown.</p>",
+    ]
     for i in range(n_examples):
         for algo, f in facts.items():
             examples = f["token_weights"].get("examples", [])
@@ -108,34 +112,70 @@ def write_summary(out: Path, algos: list[str], settings: dict, seconds: float) -
         if f["weights_svg"]:
             shutil.copyfile(f["weights_svg"], reports / f"demo-weights-{algo}.svg")
     atomic_write_text(reports / "demo-token-weights.html", heatmap_html(facts))
-    rows = [("run id (MLflow)", "run_id", 0), ("final weighted loss", "final_loss", 3), ("head-0 CE", "ce_head0", 3),
-            ("validation loss (head 0)", "val_loss", 3), ("task pass@1 (T=0.2)", "tasks_pass@1", 3),
-            ("HumanEval pass@1 (T=0.2)", "humaneval_pass@1", 3), ("train tokens/s", "train_tokens_per_s", 0),
-            ("weight std", "weight_std", 3), ("clipped fraction", "clipped", 3),
-            ("decode tokens/s (sampling, 5 per batch)", "decode_tokens_per_s", 1),
-            ("decode tokens/s (greedy, batch 1)", "greedy_tokens_per_s", 1),
-            ("decode tokens/s (self-speculative greedy)", "spec_tokens_per_s", 1),
-            ("accepted tokens per forward", "spec_accepted", 2), ("task pass@1 (speculative greedy)", "spec_pass@1", 3),
-            ("speculative output == greedy output", "spec_identical", 0)]  # fmt: skip
-    lines = ["# WMTP demo: baseline vs rho1-wmtp vs critic-wmtp", "",
-             f"Micro models on one CPU, nothing downloaded; {seconds / 60:.1f} minutes end to end.", "",
-             "| metric | " + " | ".join(algos) + " |", "| --- |" + " ---: |" * len(algos)]  # fmt: skip
+    rows = [
+        ("run id (MLflow)", "run_id", 0),
+        ("final weighted loss", "final_loss", 3),
+        ("head-0 CE", "ce_head0", 3),
+        ("validation loss (head 0)", "val_loss", 3),
+        ("task pass@1 (T=0.2)", "tasks_pass@1", 3),
+        ("HumanEval pass@1 (T=0.2)", "humaneval_pass@1", 3),
+        ("train tokens/s", "train_tokens_per_s", 0),
+        ("weight std", "weight_std", 3),
+        ("clipped fraction", "clipped", 3),
+        ("decode tokens/s (sampling, 5 per batch)", "decode_tokens_per_s", 1),
+        ("decode tokens/s (greedy, batch 1)", "greedy_tokens_per_s", 1),
+        ("decode tokens/s (self-speculative greedy)", "spec_tokens_per_s", 1),
+        ("accepted tokens per forward", "spec_accepted", 2),
+        ("task pass@1 (speculative greedy)", "spec_pass@1", 3),
+        ("speculative output == greedy output", "spec_identical", 0),
+    ]
+    lines = [
+        "# WMTP demo: baseline vs rho1-wmtp vs critic-wmtp",
+        "",
+        f"Micro models on one CPU, nothing downloaded; {seconds / 60:.1f} minutes end to end.",
+        "",
+        "| metric | " + " | ".join(algos) + " |",
+        "| --- |" + " ---: |" * len(algos),
+    ]
     for label, key, digits in rows:
-        values = [_fmt(round(f[key], digits) if isinstance(f[key], float) and digits == 0 else f[key], digits or 0)
-                  if not isinstance(f[key], str) else f[key] for f in facts.values()]  # fmt: skip
+        values = [
+            _fmt(
+                round(f[key], digits) if isinstance(f[key], float) and digits == 0 else f[key],
+                digits or 0,
+            )
+            if not isinstance(f[key], str)
+            else f[key]
+            for f in facts.values()
+        ]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
-    lines += ["", "![head-0 CE](demo-loss.svg) ![weighted loss](demo-weighted-loss.svg)", "",
-              "## Token-weight histograms (last step)", ""]  # fmt: skip
+    lines += [
+        "",
+        "![head-0 CE](demo-loss.svg) ![weighted loss](demo-weighted-loss.svg)",
+        "",
+        "## Token-weight histograms (last step)",
+        "",
+    ]
     lines += [
         f"![{a}](demo-weights-{a}.svg)"
         for a in algos
         if (reports / f"demo-weights-{a}.svg").exists()
     ]
-    lines += ["", "## Which tokens each algorithm emphasised", "",
-              "[demo-token-weights.html](demo-token-weights.html): the first training rows under each algorithm.", "",
-              "## Settings", "", "```json", json.dumps(settings, indent=2), "```", "",
-              "Per-run reports: `runs/<algo>/reports/<run_id>.md`; MLflow: `mlflow ui --backend-store-uri "
-              f"sqlite:///{out / 'mlflow.db'}`.", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Which tokens each algorithm emphasised",
+        "",
+        "[demo-token-weights.html](demo-token-weights.html): the first training rows under each algorithm.",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=2),
+        "```",
+        "",
+        "Per-run reports: `runs/<algo>/reports/<run_id>.md`; MLflow: `mlflow ui --backend-store-uri "
+        f"sqlite:///{out / 'mlflow.db'}`.",
+        "",
+    ]
     path = reports / "demo-summary.md"
     atomic_write_text(path, "\n".join(lines))
     return path

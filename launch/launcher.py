@@ -34,13 +34,21 @@ def torchrun_command(
     if launcher.nnodes == 1:
         cmd += ["--standalone", f"--nproc_per_node={launcher.nproc_per_node}"]
     elif launcher.rdzv_backend == "c10d":
-        cmd += [f"--nnodes={launcher.nnodes}", f"--nproc_per_node={launcher.nproc_per_node}",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint={launcher.master_addr}:{launcher.master_port}",
-                f"--rdzv_id={launcher.rdzv_id}"]  # fmt: skip
+        cmd += [
+            f"--nnodes={launcher.nnodes}",
+            f"--nproc_per_node={launcher.nproc_per_node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={launcher.master_addr}:{launcher.master_port}",
+            f"--rdzv_id={launcher.rdzv_id}",
+        ]
     else:
-        cmd += [f"--nnodes={launcher.nnodes}", f"--nproc_per_node={launcher.nproc_per_node}",
-                f"--node_rank={launcher.node_rank}", f"--master_addr={launcher.master_addr}",
-                f"--master_port={launcher.master_port}"]  # fmt: skip
+        cmd += [
+            f"--nnodes={launcher.nnodes}",
+            f"--nproc_per_node={launcher.nproc_per_node}",
+            f"--node_rank={launcher.node_rank}",
+            f"--master_addr={launcher.master_addr}",
+            f"--master_port={launcher.master_port}",
+        ]
     return [*cmd, "train_wmtp.py", recipe, *(extra or [])]
 
 
@@ -61,8 +69,10 @@ def submit_vessl(spec: dict, out_dir: Path, dry_run: bool) -> Path:
     if dry_run:
         return path
     if shutil.which("vessl") is None:
-        raise ConfigError("the vessl CLI is not installed: `pip install vessl && vessl configure`, then rerun "
-                          f"(rendered spec: {path})")  # fmt: skip
+        raise ConfigError(
+            "the vessl CLI is not installed: `pip install vessl && vessl configure`, then rerun "
+            f"(rendered spec: {path})"
+        )
     subprocess.run(["vessl", "run", "create", "-f", str(path)], check=True)
     return path
 

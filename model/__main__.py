@@ -13,7 +13,7 @@ import time
 import torch
 
 from model.args import ModelArgs
-from model.checkpoint import build_model, load_model_dir, save_model_dir
+from model.weights import build_model, load_model_dir, save_model_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,12 +23,21 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser.parse_args(argv)
 
     torch.manual_seed(cli.seed)
-    args = ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=8000,
-                     n_future_tokens=4, max_seq_len=256)  # fmt: skip
+    args = ModelArgs(
+        dim=256,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=8000,
+        n_future_tokens=4,
+        max_seq_len=256,
+    )
     model = build_model(args).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[model] {n_params / 1e6:.2f}M params, {len(model.trunk_layers)} trunk blocks, "
-          f"{len(model.heads)} heads")  # fmt: skip
+    print(
+        f"[model] {n_params / 1e6:.2f}M params, {len(model.trunk_layers)} trunk blocks, "
+        f"{len(model.heads)} heads"
+    )
 
     tokens = torch.randint(0, args.vocab_size, (2, 64))
     start = time.perf_counter()

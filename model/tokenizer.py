@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import torch
 from sentencepiece import SentencePieceProcessor
 
 
@@ -34,35 +33,9 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))
 
-    def encode_batch(
-        self,
-        texts: Sequence[str],
-        bos: bool = False,
-        eos: bool = False,
-        max_length: int | None = None,
-        padding_side: str = "right",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (bsz, longest) padded with `pad_id`, and a bool mask of real tokens.
-
-        Sequences longer than `max_length` are truncated from the right.
-        """
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side={padding_side!r}: must be 'left' or 'right'")
-        encoded = [self.encode(t, bos=bos, eos=eos)[:max_length] for t in texts]
-        longest = max((len(ids) for ids in encoded), default=0)
-        tokens = torch.full((len(encoded), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), longest), dtype=torch.bool)
-        for row, ids in enumerate(encoded):
-            span = (
-                slice(0, len(ids)) if padding_side == "right" else slice(longest - len(ids), None)
-            )
-            tokens[row, span] = torch.tensor(ids, dtype=torch.long)
-            mask[row, span] = True
-        return tokens, mask
-
     def sha256(self) -> str:
         """Content hash of the model file: two tokenizers are identical iff these agree."""
-        from model.integrity import sha256_file
+        from runtime.integrity import sha256_file
 
         return sha256_file(self.model_path)
 
@@ -91,11 +64,24 @@ def train_tokenizer(
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     SentencePieceTrainer.train(
-        sentence_iterator=chunks(), model_prefix=str(model_prefix), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n", "\t"],
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=max_chunk_chars * 4,
-        num_threads=1, minloglevel=2, hard_vocab_limit=False,  # one thread: reproducible
-    )  # fmt: skip
+        sentence_iterator=chunks(),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n", "\t"],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        max_sentence_length=max_chunk_chars * 4,
+        num_threads=1,
+        minloglevel=2,
+        hard_vocab_limit=False,  # one thread: reproducible
+    )
     return model_prefix.with_suffix(".model")

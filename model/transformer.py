@@ -115,9 +115,12 @@ class Attention(nn.Module):
             k, v = cache.update(start_pos, k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
-            q, k, v, **causal_mask_kwargs(seqlen, k.shape[2], x.device),
+            q,
+            k,
+            v,
+            **causal_mask_kwargs(seqlen, k.shape[2], x.device),
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # fmt: skip
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

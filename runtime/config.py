@@ -118,15 +118,25 @@ class MicroConfig:
 
 
 def _meta_asset() -> ModelAssetConfig:
-    return ModelAssetConfig("facebook/multi-token-prediction",
-                            ["7B_1T_4/consolidated.pth", "7B_1T_4/params.json", "tokenizer.model"])  # fmt: skip
+    return ModelAssetConfig(
+        "facebook/multi-token-prediction",
+        ["7B_1T_4/consolidated.pth", "7B_1T_4/params.json", "tokenizer.model"],
+    )
 
 
 def _reference_asset() -> ModelAssetConfig:
-    return ModelAssetConfig("princeton-nlp/Sheared-LLaMA-2.7B", [
-        "config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
-        "pytorch_model-00002-of-00002.bin", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    ])  # fmt: skip
+    return ModelAssetConfig(
+        "princeton-nlp/Sheared-LLaMA-2.7B",
+        [
+            "config.json",
+            "pytorch_model.bin.index.json",
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ],
+    )
 
 
 @dataclass
@@ -137,9 +147,12 @@ class AssetsConfig:
     codecontests: DatasetAssetConfig = field(
         default_factory=lambda: DatasetAssetConfig("deepmind/code_contests", "data")
     )
-    mbpp: DatasetAssetConfig = field(default_factory=lambda: DatasetAssetConfig(
-        url="https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl",
-        sha256="ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"))  # fmt: skip
+    mbpp: DatasetAssetConfig = field(
+        default_factory=lambda: DatasetAssetConfig(
+            url="https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl",
+            sha256="ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f",
+        )
+    )
     micro: MicroConfig = field(default_factory=MicroConfig)
     max_length: int = 2048
     split_seed: int = 42

@@ -9,11 +9,14 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
 def _frame(title: str, body: list[str], legend: list[tuple[str, str]] | None = None) -> str:
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{_W / 2}" y="16" text-anchor="middle" font-family="sans-serif" font-size="13">{escape(title)}</text>',
-             f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - 8}" y2="{_H - _PAD}" stroke="black"/>',
-             f'<line x1="{_PAD}" y1="24" x2="{_PAD}" y2="{_H - _PAD}" stroke="black"/>', *body]  # fmt: skip
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{_W / 2}" y="16" text-anchor="middle" font-family="sans-serif" font-size="13">{escape(title)}</text>',
+        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - 8}" y2="{_H - _PAD}" stroke="black"/>',
+        f'<line x1="{_PAD}" y1="24" x2="{_PAD}" y2="{_H - _PAD}" stroke="black"/>',
+        *body,
+    ]
     for i, (label, color) in enumerate(legend or []):
         y = 30 + 14 * i
         parts.append(f'<rect x="{_W - 150}" y="{y - 9}" width="10" height="10" fill="{color}"/>')

@@ -103,8 +103,13 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _check(value, hints[name], f"{where}.{name}" if where else name)
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing key {(where + '.' if where else '') + missing[0]!r}")
     obj = cls(**kwargs)

@@ -18,8 +18,15 @@ from runtime.config import MlflowConfig
 _SECRET_KEY = re.compile(
     r"(^|_)(secret|token|password|passwd|credentials?|api_?key|access_?key)(_|$)", re.I
 )
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "HF_TOKEN",
-               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "VESSL_ACCESS_TOKEN")  # fmt: skip
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "VESSL_ACCESS_TOKEN",
+)
 
 
 def scrub(params: dict[str, Any]) -> dict[str, Any]:
@@ -100,11 +107,6 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._client is not None:
             self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self._client is not None:
-            for k, v in tags.items():
-                self._client.set_tag(self.run_id, k, v)
 
     def end(self, status: str = "FINISHED") -> None:
         if self._client is not None:

@@ -78,8 +78,14 @@ class HubServer:
         for name, data in entries.items():
             path = f"{folder}/{name}"
             self.add(repo, path, data, dataset=True)
-            listing.append({"type": "file", "path": path, "size": len(data),
-                            "lfs": {"oid": hashlib.sha256(data).hexdigest()}})  # fmt: skip
+            listing.append(
+                {
+                    "type": "file",
+                    "path": path,
+                    "size": len(data),
+                    "lfs": {"oid": hashlib.sha256(data).hexdigest()},
+                }
+            )
         self.trees[f"/api/datasets/{repo}/tree/main/{folder}"] = listing
 
     def __enter__(self) -> HubServer:

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from assets.sources import Fetcher, FetchError, RemoteFile
-from model.checkpoint import load_model_dir
+from model.weights import load_model_dir
 from prepare_assets import main as assets_main
 from runtime.config import load_env_config
 from tests.codecontests_fixture import fixture_problems, write_parquet
@@ -20,8 +20,16 @@ from tests.hub_server import HubServer
 from tests.test_checkpoint import meta_7b_1t_4_keys
 
 MBPP_SHA = "ccf64ceae9c5403bf50a044cb6d505bfd2a2963ee58338ba268fd65beab92a9f"
-META_PARAMS = {"dim": 64, "n_layers": 32, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": 32000,
-               "n_future_tokens": 4, "rope_theta": 10000.0}  # fmt: skip
+META_PARAMS = {
+    "dim": 64,
+    "n_layers": 32,
+    "n_heads": 4,
+    "multiple_of": 32,
+    "norm_eps": 1e-5,
+    "vocab_size": 32000,
+    "n_future_tokens": 4,
+    "rope_theta": 10000.0,
+}
 
 
 def synthetic_meta(tmp_path) -> dict[str, bytes]:
@@ -36,16 +44,25 @@ def synthetic_meta(tmp_path) -> dict[str, bytes]:
         for k in meta_7b_1t_4_keys()
     }
     torch.save(state, tmp_path / "consolidated.pth")
-    return {"7B_1T_4/consolidated.pth": (tmp_path / "consolidated.pth").read_bytes(),
-            "7B_1T_4/params.json": json.dumps(META_PARAMS).encode()}  # fmt: skip
+    return {
+        "7B_1T_4/consolidated.pth": (tmp_path / "consolidated.pth").read_bytes(),
+        "7B_1T_4/params.json": json.dumps(META_PARAMS).encode(),
+    }
 
 
 def synthetic_reference(tmp_path, tokenizer_bytes: bytes) -> dict[str, bytes]:
     transformers = pytest.importorskip("transformers")
     from tests.test_model import _save_pytorch_bin_shards
 
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     out = tmp_path / "ref"
     _save_pytorch_bin_shards(transformers.LlamaForCausalLM(config), out, n_shards=2)
@@ -81,10 +98,19 @@ def write_config(path, root, hub_url, **extra) -> str:
         "storage": {"root": str(root / "storage"), "cache_dir": str(root / "cache")},
         "hub": {"base_url": hub_url},
         "mlflow": {"enabled": False},
-        "assets": {"mbpp": {"url": f"{hub_url}/raw/mbpp.jsonl", "sha256": MBPP_SHA},
-                   "micro": {"dim": 32, "n_layers": 5, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32,
-                             "vocab_size": 1000, "max_corpus_mb": 0.5}},
-    }  # fmt: skip
+        "assets": {
+            "mbpp": {"url": f"{hub_url}/raw/mbpp.jsonl", "sha256": MBPP_SHA},
+            "micro": {
+                "dim": 32,
+                "n_layers": 5,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "multiple_of": 32,
+                "vocab_size": 1000,
+                "max_corpus_mb": 0.5,
+            },
+        },
+    }
     for section, values in extra.items():
         config.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(config))
@@ -205,8 +231,11 @@ def _free_port() -> int:
 def s3(monkeypatch):
     from moto.server import ThreadedMotoServer
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -227,8 +256,14 @@ def test_s3_mirror_is_used_before_the_hub_and_resumes(s3, tmp_path):
         Key="team/models/facebook/multi-token-prediction/7B_1T_4/params.json",
         Body=data,
     )
-    config = load_env_config(write_config(tmp_path / "c.yaml", tmp_path, "http://127.0.0.1:9",
-                                          s3={"bucket": "wmtp-mirror", "prefix": "team", "endpoint_url": endpoint}))  # fmt: skip
+    config = load_env_config(
+        write_config(
+            tmp_path / "c.yaml",
+            tmp_path,
+            "http://127.0.0.1:9",
+            s3={"bucket": "wmtp-mirror", "prefix": "team", "endpoint_url": endpoint},
+        )
+    )
     messages = []
     fetcher = Fetcher(config, tmp_path / "cache", log=messages.append)
     dest = tmp_path / "raw" / "params.json"
@@ -246,8 +281,14 @@ def test_s3_mirror_is_used_before_the_hub_and_resumes(s3, tmp_path):
 
 def test_hub_downloads_are_uploaded_to_the_s3_mirror(s3, hub, tmp_path):
     endpoint, client = s3
-    config = load_env_config(write_config(tmp_path / "c.yaml", tmp_path, hub.url,
-                                          s3={"bucket": "wmtp-mirror", "endpoint_url": endpoint, "upload": True}))  # fmt: skip
+    config = load_env_config(
+        write_config(
+            tmp_path / "c.yaml",
+            tmp_path,
+            hub.url,
+            s3={"bucket": "wmtp-mirror", "endpoint_url": endpoint, "upload": True},
+        )
+    )
     remote = RemoteFile("facebook/multi-token-prediction", "7B_1T_4/params.json")
     digest = Fetcher(config, tmp_path / "cache").fetch(remote, tmp_path / "params.json")
     head = client.head_object(

@@ -8,28 +8,41 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from model.checkpoint import (
+from model.weights import (
     build_model,
     load_meta_checkpoint,
     load_model_dir,
     save_model_dir,
 )
-from model.integrity import ChecksumError, verify_sha256sums
+from runtime.integrity import ChecksumError, verify_sha256sums
 
 # 7B_1T_4's params.json with the sizes shrunk; the key set below is the real one's structure.
 SHRUNK_7B_1T_4 = {
-    "dim": 64, "n_layers": 32, "n_heads": 4, "multiple_of": 32, "ffn_dim_multiplier": None,
-    "norm_eps": 1e-5, "vocab_size": 96, "n_future_tokens": 4, "rope_theta": 10000.0,
-}  # fmt: skip
+    "dim": 64,
+    "n_layers": 32,
+    "n_heads": 4,
+    "multiple_of": 32,
+    "ffn_dim_multiplier": None,
+    "norm_eps": 1e-5,
+    "vocab_size": 96,
+    "n_future_tokens": 4,
+    "rope_theta": 10000.0,
+}
 
 
 def meta_7b_1t_4_keys(n_layers: int = 32, n_future: int = 4) -> list[str]:
     """The tensor names in Meta's 7B_1T_4 consolidated.pth, written out independently of model/."""
     block = [
-        "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-        "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
-        "attention_norm.weight", "ffn_norm.weight",
-    ]  # fmt: skip
+        "attention.wq.weight",
+        "attention.wk.weight",
+        "attention.wv.weight",
+        "attention.wo.weight",
+        "feed_forward.w1.weight",
+        "feed_forward.w2.weight",
+        "feed_forward.w3.weight",
+        "attention_norm.weight",
+        "ffn_norm.weight",
+    ]
     n_main = n_layers - n_future + 1
     keys = ["tok_embeddings.weight", "norm.weight", "output.weight", "rope.freqs"]
     keys += [f"layers.{i}.{b}" for i in range(n_main) for b in block]
@@ -129,7 +142,7 @@ def test_multi_shard_meta_checkpoint_is_rejected(meta_dir):
 
 
 def test_load_checkpoint_dir_reads_meta_and_project_dirs(meta_dir, tmp_path):
-    from model.checkpoint import load_checkpoint_dir
+    from model.weights import load_checkpoint_dir
 
     args, state = load_checkpoint_dir(meta_dir[0])
     save_model_dir(tmp_path / "st", args, state)

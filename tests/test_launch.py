@@ -59,9 +59,16 @@ def test_torchrun_two_nodes_of_eight_static_and_c10d():
         nnodes=2, nproc_per_node=8, node_rank=1, master_addr="10.0.0.1", master_port=29500
     )
     assert torchrun_command("recipes/critic.yaml", static, ["train.lr=2e-5"]) == [
-        "torchrun", "--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--master_addr=10.0.0.1",
-        "--master_port=29500", "train_wmtp.py", "recipes/critic.yaml", "train.lr=2e-5",
-    ]  # fmt: skip
+        "torchrun",
+        "--nnodes=2",
+        "--nproc_per_node=8",
+        "--node_rank=1",
+        "--master_addr=10.0.0.1",
+        "--master_port=29500",
+        "train_wmtp.py",
+        "recipes/critic.yaml",
+        "train.lr=2e-5",
+    ]
     c10d = LauncherConfig(
         nnodes=2,
         nproc_per_node=8,
@@ -71,8 +78,13 @@ def test_torchrun_two_nodes_of_eight_static_and_c10d():
         rdzv_id="exp7",
     )
     assert torchrun_command("recipes/rho1.yaml", c10d)[:6] == [
-        "torchrun", "--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=head:29400", "--rdzv_id=exp7",
-    ]  # fmt: skip
+        "torchrun",
+        "--nnodes=2",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=head:29400",
+        "--rdzv_id=exp7",
+    ]
 
 
 def test_launcher_reads_the_target_from_config(tmp_path, capsys, monkeypatch):

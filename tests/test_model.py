@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from model.checkpoint import build_model, convert_hf_llama
+from model.weights import build_model, convert_hf_llama
 
 SMALL = dict(dim=64, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, rope_theta=50000.0)
 
@@ -24,10 +24,17 @@ def _random_model(seed: int = 0, **overrides) -> Transformer:
 def hf_llama_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(1)
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -141,9 +148,13 @@ def test_bf16_forward_is_close_to_fp32():
 
 @pytest.mark.parametrize(
     "overrides, key",
-    [({"n_heads": 5}, "n_heads"), ({"n_kv_heads": 3}, "n_kv_heads"),
-     ({"n_layers": 2, "n_future_tokens": 4}, "n_layers"), ({"vocab_size": -1}, "vocab_size")],
-)  # fmt: skip
+    [
+        ({"n_heads": 5}, "n_heads"),
+        ({"n_kv_heads": 3}, "n_kv_heads"),
+        ({"n_layers": 2, "n_future_tokens": 4}, "n_layers"),
+        ({"vocab_size": -1}, "vocab_size"),
+    ],
+)
 def test_model_args_reject_bad_values_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"ModelArgs.{key}="):
         ModelArgs(**{**SMALL, **overrides})

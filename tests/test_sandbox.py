@@ -54,16 +54,28 @@ def test_a_failing_assert_fails(sandbox):
     "name, program, statuses",
     [
         ("fork bomb", "import os\nwhile True:\n    os.fork()", {"failed"}),
-        ("fork bomb via ctypes", "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()", {"failed"}),
-        ("fork via subprocess", "import subprocess\nwhile True:\n    subprocess.Popen(['sleep', '100'])", {"failed"}),
+        (
+            "fork bomb via ctypes",
+            "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    libc.fork()",
+            {"failed"},
+        ),
+        (
+            "fork via subprocess",
+            "import subprocess\nwhile True:\n    subprocess.Popen(['sleep', '100'])",
+            {"failed"},
+        ),
         ("infinite loop", "while True:\n    pass", {"timeout", "killed"}),
         ("sleeping forever", "import time\ntime.sleep(1000)", {"timeout"}),
-        ("memory bomb", "x = []\nwhile True:\n    x.append(bytearray(10**7))", {"failed", "killed"}),
+        (
+            "memory bomb",
+            "x = []\nwhile True:\n    x.append(bytearray(10**7))",
+            {"failed", "killed"},
+        ),
         ("os._exit before the asserts", "import os\nos._exit(0)\nassert False", {"failed"}),
         ("huge output", "while True:\n    print('x' * 10000)", {"failed", "killed"}),
         ("kill the parent", "import os\nos.kill(os.getppid(), 9)", {"failed"}),
     ],
-)  # fmt: skip
+)
 def test_hostile_programs_are_contained(sandbox, name, program, statuses):
     start = time.perf_counter()
     result = sandbox.run(program)

@@ -6,7 +6,6 @@ import inspect
 import json
 
 import pytest
-import torch
 
 from model import Tokenizer
 
@@ -42,19 +41,6 @@ def test_round_trip_on_mbpp_solutions(tok, mbpp_path):
     solutions = [json.loads(line)["code"] for line in mbpp_path.read_text().splitlines()]
     broken = [i for i, code in enumerate(solutions) if tok.decode(tok.encode(code)) != code]
     assert not broken, f"{len(broken)} MBPP solutions do not round-trip, first {broken[:5]}"
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_encode_batch_pads_and_masks(tok, side):
-    tokens, mask = tok.encode_batch(["a", "def f(x): return x"], bos=True, padding_side=side)
-    lengths = [len(tok.encode("a", bos=True)), len(tok.encode("def f(x): return x", bos=True))]
-    assert tokens.shape == (2, max(lengths)) and mask.sum(1).tolist() == lengths
-    assert (tokens[~mask] == tok.pad_id).all()
-    row = tokens[0][mask[0]]
-    assert row.tolist() == tok.encode("a", bos=True)
-    first_real = mask[0].nonzero()[0].item()
-    assert (first_real == 0) == (side == "right")
-    assert tokens.dtype == torch.long
 
 
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):

@@ -17,8 +17,9 @@ from runtime.tracking import scrub
 from tests.conftest import REPO_ROOT
 from tests.micro_assets import build_micro_assets, env_config, history, write_recipe
 from train_wmtp import main as train_main
-from training.loss import naive_mtp_loss, sequential_mtp_backward
+from training.loss import mtp_loss_backward, naive_mtp_loss
 from training.recipe import load_recipe
+from training.signals import policy_head_ce
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +61,20 @@ def test_sequential_head_loss_equals_naive_loss_and_gradients(needs_ce):
     lam = [1.0, 0.5, 0.25, 0.0]
     denominators = [float((labels[..., k] != IGNORE_INDEX).sum()) + 7 for k in range(4)]
 
-    def weights_fn(k, base_ce):
-        w = fixed[..., k] if base_ce is None else (base_ce - 4.0).abs()
-        return w * (labels[..., k] != IGNORE_INDEX)
-
-    result = sequential_mtp_backward(
-        model, tokens, labels, lam, weights_fn, denominators, chunk=7, needs_base_ce=needs_ce
-    )
+    trunk = model(tokens, return_trunk=True)
+    if needs_ce:  # weights computed from the policy's own per-head CE, as rho1-wmtp does
+        weights = (
+            policy_head_ce(model, trunk.detach(), labels, chunk=7, dtype=torch.float32) - 4.0
+        ).abs()
+    else:
+        weights = fixed
+    weights = weights * (labels != IGNORE_INDEX)
+    result = mtp_loss_backward(model, trunk, labels, weights, lam, denominators, chunk=7)
     sequential = {
         n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
         for n, p in model.named_parameters()
     }
     model.zero_grad()
-    weights = torch.stack(result.weights, dim=-1)
     naive = naive_mtp_loss(model, tokens, labels, lam, weights, denominators)
     naive.backward()
     assert result.loss == pytest.approx(naive.item(), rel=1e-5)
@@ -86,13 +88,22 @@ def test_sequential_head_loss_equals_naive_loss_and_gradients(needs_ce):
     "edit, message",
     [
         ({"train": {"lrr": 1}}, "unknown key 'train.lrr' (did you mean 'lr'?)"),
-        ({"weighting": {"algo": "rho1"}}, "weighting.algo='rho1' is invalid: allowed baseline, rho1-wmtp, critic-wmtp (did you mean 'rho1-wmtp'?)"),
-        ({"model": {"reference": None}}, "model.reference=None is invalid: rho1-wmtp needs a reference model"),
+        (
+            {"weighting": {"algo": "rho1"}},
+            "weighting.algo='rho1' is invalid: allowed baseline, rho1-wmtp, critic-wmtp (did you mean 'rho1-wmtp'?)",
+        ),
+        (
+            {"model": {"reference": None}},
+            "model.reference=None is invalid: rho1-wmtp needs a reference model",
+        ),
         ({"train": {"lr": "fast"}}, "train.lr='fast' is invalid: expected a number"),
         ({"weighting": {"max_weight": 0.5}}, "weighting.max_weight=0.5 is invalid"),
-        ({"checkpoint": {"resume": "sometimes"}}, "checkpoint.resume='sometimes' is invalid: allowed 'auto', 'never'"),
+        (
+            {"checkpoint": {"resume": "sometimes"}},
+            "checkpoint.resume='sometimes' is invalid: allowed 'auto', 'never'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_recipes_fail_with_one_clear_line(micro, tmp_path, edit, message, capsys):
     root, assets, config = micro
     path = write_recipe(tmp_path / "r.yaml", assets, "rho1-wmtp", tmp_path / "out", **edit)
@@ -158,8 +169,13 @@ def test_nan_injection_is_skipped_and_training_recovers(micro, tmp_path, capsys)
 
 
 def test_nan_beyond_retries_stops_with_a_failure_report(micro, tmp_path, capsys):
-    code, out = run_train(micro, "baseline", tmp_path, train={"max_steps": 8, "nan_max_retries": 0},
-                          faults={"nan_at_steps": [2]})  # fmt: skip
+    code, out = run_train(
+        micro,
+        "baseline",
+        tmp_path,
+        train={"max_steps": 8, "nan_max_retries": 0},
+        faults={"nan_at_steps": [2]},
+    )
     assert code == 3
     report = _report(out)
     assert "## What went wrong" in report and "1 consecutive non-finite steps" in report
@@ -188,8 +204,14 @@ def test_simulated_oom_single_process_shrinks_the_micro_batch(micro, tmp_path, c
 
 
 def test_oom_that_cannot_shrink_exits_cleanly_with_advice(micro, tmp_path):
-    code, out = run_train(micro, "baseline", tmp_path, train={"max_steps": 5}, data={"micro_batch_size": 1},
-                          faults={"oom_at_steps": [1]})  # fmt: skip
+    code, out = run_train(
+        micro,
+        "baseline",
+        tmp_path,
+        train={"max_steps": 5},
+        data={"micro_batch_size": 1},
+        faults={"oom_at_steps": [1]},
+    )
     assert code == 4
     report = _report(out)
     assert "out of memory at step 2 with micro-batch 1" in report
@@ -248,8 +270,20 @@ def test_mlflow_run_contents(micro, tmp_path, monkeypatch):
     assert len(params["data.hash"]) == 32 and params["model.n_future_tokens"] == "4"
     assert "hf_supersecret" not in str(params) and params["tracking.run_name"] == "***"
     metrics = run.data.metrics
-    for key in ("loss", "ce_head0", "ce_head3", "weight_mean", "weight_std", "weight_min", "weight_max",
-                "weight_clipped_fraction", "lr", "grad_norm", "tokens_per_s", "mfu"):  # fmt: skip
+    for key in (
+        "loss",
+        "ce_head0",
+        "ce_head3",
+        "weight_mean",
+        "weight_std",
+        "weight_min",
+        "weight_max",
+        "weight_clipped_fraction",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+    ):
         assert key in metrics, key
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
@@ -290,11 +324,23 @@ def test_fsdp_two_ranks_match_single_process(micro, tmp_path):
         "--nproc_per_node=2",
         "--master_port=29581",
     ]
-    proc = subprocess.run([*torchrun, str(REPO_ROOT / "train_wmtp.py"), str(dist_recipe), "--config", str(config)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [*torchrun, str(REPO_ROOT / "train_wmtp.py"), str(dist_recipe), "--config", str(config)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    code, single = run_train(micro, "baseline", tmp_path, name="single", train={"max_steps": 4, "fsdp": "off"},
-                             data={"micro_batch_size": 4})  # fmt: skip
+    code, single = run_train(
+        micro,
+        "baseline",
+        tmp_path,
+        name="single",
+        train={"max_steps": 4, "fsdp": "off"},
+        data={"micro_batch_size": 4},
+    )
     assert code == 0
     assert step_losses(tmp_path / "dist") == pytest.approx(step_losses(single), rel=1e-5)
     assert (tmp_path / "dist" / "checkpoints" / "step_0000004" / "dcp").is_dir()
@@ -317,9 +363,14 @@ def test_precomputed_reference_ce_gives_the_online_losses(micro, tmp_path):
     sections = {"train": {"max_steps": 4}, "data": {"pack": False}}
     code, online = run_train(micro, "rho1-wmtp", tmp_path, name="online", **sections)
     assert code == 0
-    recipe = write_recipe(tmp_path / "pre.yaml", assets, "rho1-wmtp", tmp_path / "pre",
-                          weighting={"reference_source": "precomputed", "reference_ce_dir": str(tmp_path / "refce")},
-                          **sections)  # fmt: skip
+    recipe = write_recipe(
+        tmp_path / "pre.yaml",
+        assets,
+        "rho1-wmtp",
+        tmp_path / "pre",
+        weighting={"reference_source": "precomputed", "reference_ce_dir": str(tmp_path / "refce")},
+        **sections,
+    )
     assert precompute_main([str(recipe), "--config", str(config)]) == 0
     assert train_main([str(recipe), "--config", str(config)]) == 0
     assert step_losses(tmp_path / "pre") == pytest.approx(step_losses(online), rel=1e-5)

@@ -9,7 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import ModelArgs, Transformer
 from weighting import (
     CriticConfig,
     NormalizeConfig,
@@ -24,8 +23,6 @@ from weighting import (
     value_loss,
     weight_stats,
 )
-from weighting.reference_store import ReferenceCEStore, ReferenceCEWriter
-from weighting.rho1 import reference_next_token_ce
 
 SPECIAL = [math.inf, -math.inf, math.nan, 0.0, 1e30, -1e30, 1e-30]
 
@@ -115,9 +112,13 @@ def test_emphasis_is_continuous_top_tokens_up_nobody_dropped():
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"temperature": 0}, "temperature"), ({"min_weight": 1.5}, "min_weight"),
-     ({"max_weight": 0.5}, "max_weight"), ({"min_weight": 0.0}, "min_weight")],
-)  # fmt: skip
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"min_weight": 1.5}, "min_weight"),
+        ({"max_weight": 0.5}, "max_weight"),
+        ({"min_weight": 0.0}, "min_weight"),
+    ],
+)
 def test_bad_config_names_the_key(kwargs, key):
     with pytest.raises(ValueError, match=f"weighting.{key}="):
         NormalizeConfig(**kwargs)
@@ -127,8 +128,11 @@ def test_registry_keys_and_typo_message():
     assert get_weighter("baseline").name == "baseline"
     assert get_weighter("rho1-wmtp").name == "rho1-wmtp"
     assert get_weighter("critic-wmtp").name == "critic-wmtp"
-    with pytest.raises(KeyError, match=r"'rho1_wmtp' \(did you mean 'rho1-wmtp'\?\); allowed: "
-                       r"baseline, critic-wmtp, rho1-wmtp"):  # fmt: skip
+    with pytest.raises(
+        KeyError,
+        match=r"'rho1_wmtp' \(did you mean 'rho1-wmtp'\?\); allowed: "
+        r"baseline, critic-wmtp, rho1-wmtp",
+    ):
         get_weighter("rho1_wmtp")
 
 
@@ -159,37 +163,6 @@ def test_rho1_weights_follow_excess_loss_per_head():
         assert w[0, 3, k] == w[..., k].max()
     with pytest.raises(ValueError, match="rho1-wmtp needs `ref_ce`"):
         get_weighter("rho1-wmtp").weights(WeightingInputs(valid, base_ce=base))
-
-
-def test_reference_next_token_ce_equals_full_logits_ce():
-    torch.manual_seed(0)
-    ref = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=8))
-    ref.init_weights(std=0.2, seed=0)
-    tokens = torch.randint(0, 50, (2, 13))
-    ce = reference_next_token_ce(ref, tokens, chunk_size=5)
-    logits = ref(tokens)[:, :, 0]
-    full = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none"
-    ).view(2, 12)
-    torch.testing.assert_close(ce[:, :-1], full, rtol=1e-5, atol=1e-5)
-    assert torch.isnan(ce[:, -1]).all()
-
-
-def test_reference_store_round_trip_and_data_hash_check(tmp_path):
-    writer = ReferenceCEWriter(tmp_path, "abc123", reference_id="sheared-2.7b", shard_size=2)
-    samples = {f"mbpp/{i}": torch.rand(5 + i) for i in range(5)}
-    for sid, ce in samples.items():
-        writer.add(sid, ce)
-    directory = writer.close()
-    assert len(list(directory.glob("ref_ce-*.safetensors"))) == 3
-    store = ReferenceCEStore(tmp_path, "abc123")
-    assert len(store) == 5 and store.reference_id == "sheared-2.7b"
-    for sid, ce in samples.items():
-        assert torch.equal(store.get(sid), ce)
-    with pytest.raises(FileNotFoundError, match="no precomputed reference CE for data hash ffff"):
-        ReferenceCEStore(tmp_path, "ffff")
-    with pytest.raises(KeyError, match="has no precomputed reference CE"):
-        store.get("mbpp/99")
 
 
 def test_gae_matches_hand_computed_example():

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 
 from data.tokenized import cache_key, load_tokenized
-from model.checkpoint import build_model, load_checkpoint_dir
 from model.tokenizer import Tokenizer
+from model.weights import build_model, load_checkpoint_dir
 from runtime.config import load_env_config
 from runtime.schema import ConfigError
 from training.recipe import Recipe, load_recipe
-from weighting.reference_store import ReferenceCEWriter
-from weighting.rho1 import reference_next_token_ce
+from training.reference import ReferenceCEWriter, reference_next_token_ce
 
 
 def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) -> Path:

@@ -1,7 +1,8 @@
 """Training recipes (recipes/*.yaml) as validated dataclasses.
 
 Every key has a default here except the paths a run cannot guess; `load_recipe` reports the
-first bad key as `<section>.<key>=<value> is invalid: <what is allowed>`.
+first bad key as `<section>.<key>=<value> is invalid: <what is allowed>`. The `weighting:`
+section is `weighting.config.WeightingConfig` itself: the weighting code reads the same object.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from runtime.schema import ConfigError, apply_overrides, build, key, load_yaml, require
-from weighting.critic import CriticConfig
-from weighting.normalize import NormalizeConfig
-
-ALGORITHMS = ("baseline", "rho1-wmtp", "critic-wmtp")
+from runtime.schema import apply_overrides, build, key, load_yaml, require
+from weighting.config import WeightingConfig
 
 
 @dataclass
@@ -70,59 +68,6 @@ class DataSection:
 
 
 @dataclass
-class CriticSection:
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    reward_correct: float = 1.0
-    reward_incorrect: float = 0.0
-    stage1_steps: int = 200
-    value_lr: float = 1e-3
-
-    def validate(self, where: str) -> None:
-        for name in ("gamma", "gae_lambda"):
-            value = getattr(self, name)
-            require(0 <= value <= 1, key(where, name), value, "must be in [0, 1]")
-        require(
-            self.stage1_steps >= 0, key(where, "stage1_steps"), self.stage1_steps, "must be >= 0"
-        )
-        require(self.value_lr > 0, key(where, "value_lr"), self.value_lr, "must be > 0")
-
-    def to_config(self) -> CriticConfig:
-        return CriticConfig(self.gamma, self.gae_lambda, self.reward_correct, self.reward_incorrect)
-
-
-@dataclass
-class WeightingSection:
-    algo: str = "rho1-wmtp"
-    temperature: float = 1.0
-    min_weight: float = 0.05
-    max_weight: float = 3.0
-    mean_tolerance: float = 1e-3
-    reference_source: Literal["online", "precomputed"] = "online"
-    reference_ce_dir: str | None = None
-    critic: CriticSection = field(default_factory=CriticSection)
-
-    def validate(self, where: str) -> None:
-        if self.algo not in ALGORITHMS:
-            from runtime.schema import did_you_mean
-
-            raise ConfigError(f"{key(where, 'algo')}={self.algo!r} is invalid: allowed "
-                              f"{', '.join(ALGORITHMS)}{did_you_mean(self.algo, list(ALGORITHMS))}")  # fmt: skip
-        try:
-            self.normalize_config()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.reference_source == "precomputed":
-            require(bool(self.reference_ce_dir), key(where, "reference_ce_dir"), self.reference_ce_dir,
-                    "set it when reference_source is 'precomputed'")  # fmt: skip
-
-    def normalize_config(self) -> NormalizeConfig:
-        return NormalizeConfig(
-            self.temperature, self.min_weight, self.max_weight, self.mean_tolerance
-        )
-
-
-@dataclass
 class TrainSection:
     max_steps: int = 1000
     grad_accum: int = 1
@@ -158,8 +103,12 @@ class TrainSection:
             self.warmup_ratio,
             "must be in [0, 1)",
         )
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), key(where, "betas"),
-                list(self.betas), "two numbers in [0, 1)")  # fmt: skip
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            key(where, "betas"),
+            list(self.betas),
+            "two numbers in [0, 1)",
+        )
         require(self.grad_clip > 0, key(where, "grad_clip"), self.grad_clip, "must be > 0")
         require(
             self.ce_chunk_size >= 1, key(where, "ce_chunk_size"), self.ce_chunk_size, "must be >= 1"
@@ -171,8 +120,12 @@ class TrainSection:
             "must be >= 0",
         )
         if self.head_weights is not None:
-            require(all(w >= 0 for w in self.head_weights) and any(self.head_weights),
-                    key(where, "head_weights"), self.head_weights, "non-negative, not all zero")  # fmt: skip
+            require(
+                all(w >= 0 for w in self.head_weights) and any(self.head_weights),
+                key(where, "head_weights"),
+                self.head_weights,
+                "non-negative, not all zero",
+            )
 
 
 @dataclass
@@ -213,7 +166,7 @@ class Recipe:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    weighting: WeightingSection = field(default_factory=WeightingSection)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -221,8 +174,12 @@ class Recipe:
 
     def validate(self, where: str) -> None:
         if self.weighting.algo == "rho1-wmtp" and self.weighting.reference_source == "online":
-            require(bool(self.model.reference), "model.reference", self.model.reference,
-                    "rho1-wmtp needs a reference model (or weighting.reference_source: precomputed)")  # fmt: skip
+            require(
+                bool(self.model.reference),
+                "model.reference",
+                self.model.reference,
+                "rho1-wmtp needs a reference model (or weighting.reference_source: precomputed)",
+            )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

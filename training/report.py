@@ -1,13 +1,26 @@
-"""reports/{run_id}.md: what a run did, its numbers, its config, and — on failure — what to do next."""
+"""What a run tells: step log lines, MLflow metrics, and reports/{run_id}.md (its numbers, its
+config, its token weights and — on failure — what to do next), with the files beside it."""
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
+import torch
 import yaml
 
-from model.integrity import atomic_write_text
+from data.loader import Batch
+from model.tokenizer import Tokenizer
+from runtime.integrity import atomic_write_text
+from runtime.plots import histogram_svg
+from runtime.schema import flatten, to_dict
+from runtime.tracking import Tracker, scrub_tree
+from training.checkpoints import TrainState
+from training.distributed import DistInfo
+from training.recipe import Recipe
 
 
 def weighted_tokens_markdown(pieces: list[str], weights: list[float]) -> str:
@@ -57,3 +70,161 @@ def write_run_report(
     path = Path(path)
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+class StepLog:
+    """Every logged step goes to the run history, MLflow and (every `every` steps) stdout."""
+
+    SHOWN = ("loss", "value_loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
+
+    def __init__(self, history: list[dict], tracker: Tracker, every: int, is_main: bool):
+        self.history, self.tracker, self.every, self.is_main = history, tracker, every, is_main
+
+    def __call__(
+        self, metrics: dict[str, float], step: int, last: int, stage: str = "step"
+    ) -> None:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
+        self.history.append({"stage": stage, "step": step, **numbers})
+        self.tracker.log_metrics(metrics, step)
+        if self.is_main and (step % self.every == 0 or step == last):
+            shown = " ".join(
+                f"{k}={v:.4g}"
+                for k, v in metrics.items()
+                if k.removeprefix("stage1_") in self.SHOWN
+            )
+            print(f"[{stage} {step}] {shown}", flush=True)
+
+
+@dataclass
+class WeightSamples:
+    """What the report shows of the token weights: the first and the latest step's first
+    micro-batch, and the latest step's histogram."""
+
+    first: tuple[Batch, torch.Tensor] | None = None
+    last: tuple[Batch, torch.Tensor] | None = None
+    hist_counts: list[int] | None = None
+
+    def update(self, weights: list[tuple[Batch, torch.Tensor]], hist_counts: list[int]) -> None:
+        self.hist_counts = hist_counts
+        self.last = weights[0]
+        if self.first is None:
+            self.first = weights[0]
+
+
+def token_weights_json(
+    batch: Batch, weights: torch.Tensor, tokenizer: Tokenizer, algo: str, rows: int = 2
+) -> dict:
+    """Head-0 weights of a step's first rows, per target token (for heatmaps)."""
+    examples = []
+    for b in range(min(rows, batch.tokens.shape[0])):
+        pos = batch.valid[b, :, 0].cpu().nonzero().flatten()[:400]
+        examples.append(
+            {
+                "sample_ids": batch.sample_ids[b],
+                "pieces": [tokenizer.id_to_piece(int(batch.labels[b, p, 0])) for p in pos],
+                "weights": [round(float(weights[b, p, 0]), 4) for p in pos],
+            }
+        )
+    return {"algo": algo, "step": 1, "examples": examples}
+
+
+def sample_tokens_markdown(
+    batch: Batch, weights: torch.Tensor, tokenizer: Tokenizer, n: int
+) -> str:
+    pos = batch.valid[0, :, 0].cpu().nonzero().flatten()[:n]
+    pieces = [tokenizer.id_to_piece(int(batch.labels[0, p, 0])) for p in pos]
+    return weighted_tokens_markdown(pieces, [float(weights[0, p, 0]) for p in pos])
+
+
+def run_summary(state: TrainState, n_heads: int, export: Path | None) -> dict:
+    """The report's metrics table: last logged values, first loss, steps and skips."""
+    last = state.history[-1] if state.history else {}
+    summary = {"steps": state.step, "skipped_steps": state.guard.skipped_steps}
+    keys = (
+        "loss",
+        "val_loss",
+        "tokens_per_s",
+        "mfu",
+        "weight_mean",
+        "weight_std",
+        "weight_clipped_fraction",
+        *[f"ce_head{i}" for i in range(n_heads)],
+    )
+    summary.update({k: float(last[k]) for k in keys if k in last})
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    if losses:
+        summary["first_loss"] = float(losses[0])
+    if export:
+        summary["export"] = str(export)
+    return summary
+
+
+def write_reports(
+    out: Path,
+    recipe: Recipe,
+    state: TrainState,
+    n_heads: int,
+    samples: WeightSamples,
+    tokenizer: Tokenizer,
+    tracker: Tracker,
+    export: Path | None,
+    failure: tuple[str, str] | None,
+) -> Path:
+    """reports/{run_id}.md, _history.json, _weights.svg, _token_weights.json, _recipe.yaml;
+    each logged to MLflow. `failure` = (what went wrong, next action). Main rank only."""
+    reports = out / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    run_id, algo = str(state.run_id), recipe.weighting.algo
+    hist_name = f"{run_id}_weights.svg" if samples.hist_counts else None
+    if hist_name:
+        svg = histogram_svg(
+            samples.hist_counts, recipe.weighting.max_weight, f"token weights ({algo})"
+        )
+        (reports / hist_name).write_text(svg)
+    (reports / f"{run_id}_history.json").write_text(json.dumps(state.history))
+    if samples.first is not None:
+        data = token_weights_json(*samples.first, tokenizer, algo)
+        (reports / f"{run_id}_token_weights.json").write_text(json.dumps(data))
+    sample = (
+        sample_tokens_markdown(*samples.last, tokenizer, recipe.tracking.sample_tokens)
+        if samples.last
+        else ""
+    )
+    report = write_run_report(
+        reports / f"{run_id}.md",
+        run_id,
+        f"{recipe.run.name}: {algo}",
+        run_summary(state, n_heads, export),
+        scrub_tree(to_dict(recipe)),
+        sample,
+        hist_name,
+        failure,
+    )
+    for path in (
+        report,
+        reports / f"{run_id}_history.json",
+        *([reports / hist_name] if hist_name else []),
+    ):
+        tracker.log_artifact(path, "reports")
+    snapshot = reports / f"{run_id}_recipe.yaml"
+    snapshot.write_text(yaml.safe_dump(scrub_tree(to_dict(recipe)), sort_keys=False))
+    tracker.log_artifact(snapshot, "recipe")
+    return report
+
+
+def start_tracking(
+    tracker: Tracker, recipe: Recipe, extra_params: dict, run_id: str | None, info: DistInfo
+) -> str:
+    """Starts (or resumes) the MLflow run `mtp/{algo}/{dataset}`; every rank gets its id."""
+    experiment = recipe.tracking.experiment or f"mtp/{recipe.weighting.algo}/{recipe.data.dataset}"
+    params = {**flatten(to_dict(recipe)), **extra_params}
+    run_name = recipe.tracking.run_name or recipe.run.name
+    tags = {"algo": recipe.weighting.algo}
+    run_id = tracker.start(experiment, run_name, params, tags=tags, run_id=run_id)
+    if info.is_main and run_id is None:
+        run_id = f"local-{int(time.time())}"
+    if info.enabled:
+        box = [run_id]
+        torch.distributed.broadcast_object_list(box, src=0)
+        run_id = box[0]
+    return run_id

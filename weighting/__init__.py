@@ -1,17 +1,20 @@
-"""Token weighting for weighted MTP: baseline, rho1-wmtp and critic-wmtp."""
+"""Token weighting for weighted MTP (tensor math only): baseline, rho1-wmtp and critic-wmtp."""
 
-from weighting.critic import CriticConfig, ValueHead, gae, td_errors, terminal_rewards, value_loss
+from weighting.config import ALGORITHMS, CriticConfig, NormalizeConfig, WeightingConfig
+from weighting.critic import ValueHead, gae, td_errors, terminal_rewards, value_loss
 from weighting.heads import align_to_heads
 from weighting.inputs import WeightingInputs
-from weighting.normalize import NormalizeConfig, normalize_per_head, normalize_scores
+from weighting.normalize import normalize_per_head, normalize_scores
 from weighting.registry import WEIGHTERS, get_weighter
 from weighting.stats import scalar_stats, weight_stats
 
 __all__ = [
+    "ALGORITHMS",
     "WEIGHTERS",
     "CriticConfig",
     "NormalizeConfig",
     "ValueHead",
+    "WeightingConfig",
     "WeightingInputs",
     "align_to_heads",
     "gae",

@@ -6,13 +6,15 @@ from typing import ClassVar
 
 import torch
 
+from weighting.config import WeightingConfig
 from weighting.inputs import WeightingInputs
 
 
 class BaselineWeighter:
     name: ClassVar[str] = "baseline"
+    needs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config=None):
+    def __init__(self, config: WeightingConfig):
         self.config = config
 
     @torch.no_grad()

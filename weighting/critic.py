@@ -7,30 +7,14 @@ normalisation pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from weighting.config import CriticConfig, WeightingConfig
 from weighting.inputs import WeightingInputs
-from weighting.normalize import NormalizeConfig, normalize_per_head
-
-
-@dataclass(frozen=True)
-class CriticConfig:
-    """Recipe keys of `weighting.critic`."""
-
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    reward_correct: float = 1.0
-    reward_incorrect: float = 0.0
-
-    def __post_init__(self) -> None:
-        for key in ("gamma", "gae_lambda"):
-            value = getattr(self, key)
-            if not 0 <= value <= 1:
-                raise ValueError(f"weighting.critic.{key}={value!r} is invalid: must be in [0, 1]")
+from weighting.normalize import normalize_per_head
 
 
 class ValueHead(nn.Module):
@@ -112,11 +96,12 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor, valid: torch.Tensor)
 
 class CriticWeighter:
     name: ClassVar[str] = "critic-wmtp"
+    needs: ClassVar[tuple[str, ...]] = ("td_error",)
 
-    def __init__(self, config: NormalizeConfig):
+    def __init__(self, config: WeightingConfig):
         self.config = config
 
     @torch.no_grad()
     def weights(self, inputs: WeightingInputs) -> torch.Tensor:
-        inputs.require(self.name, "td_error")
+        inputs.require(self.name, *self.needs)
         return normalize_per_head(inputs.td_error, inputs.valid, self.config)

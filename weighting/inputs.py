@@ -13,7 +13,7 @@ class WeightingInputs:
 
     Attributes:
         valid: bool, True where a head's target is a response token (loss is taken there).
-        base_ce: the trained model's CE per head and position (detached), for rho1-wmtp.
+        base_ce: the trained model's CE of each head's target token (detached), for rho1-wmtp.
         ref_ce: the reference model's CE of the same target token, aligned to the heads
             (`weighting.heads.align_to_heads`), for rho1-wmtp.
         td_error: TD errors aligned to the heads, for critic-wmtp.

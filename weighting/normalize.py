@@ -11,36 +11,12 @@ weight 0 and take no part in any statistic. Emphasis is continuous: no token is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from weighting.config import NormalizeConfig
+
 _BISECTION_STEPS = 100
-
-
-@dataclass(frozen=True)
-class NormalizeConfig:
-    """Recipe keys of the `weighting:` section shared by all algorithms."""
-
-    temperature: float = 1.0
-    min_weight: float = 0.05
-    max_weight: float = 3.0
-    mean_tolerance: float = 1e-3
-    zscore_eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        rules = [
-            ("temperature", self.temperature > 0, "> 0"),
-            ("min_weight", 0 < self.min_weight <= 1, "in (0, 1] (mean 1 must stay reachable)"),
-            ("max_weight", self.max_weight >= 1, ">= 1 (mean 1 must stay reachable)"),
-            ("mean_tolerance", 0 < self.mean_tolerance < 1, "in (0, 1)"),
-            ("zscore_eps", self.zscore_eps > 0, "> 0"),
-        ]
-        for key, ok, allowed in rules:
-            if not ok:
-                raise ValueError(
-                    f"weighting.{key}={getattr(self, key)!r} is invalid: must be {allowed}"
-                )
 
 
 def sanitize_scores(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

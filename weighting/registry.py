@@ -1,21 +1,26 @@
-"""Weighting algorithms by their kebab-case recipe key."""
+"""Weighting algorithms by their kebab-case recipe key.
+
+To add an algorithm: a class with `name`, `needs` (the `WeightingInputs` fields it reads) and
+`weights(inputs) -> (bsz, seq, n_heads)` float weights, listed here and in `config.ALGORITHMS`.
+"""
 
 from __future__ import annotations
 
-import difflib
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
+from runtime.schema import did_you_mean
 from weighting.baseline import BaselineWeighter
+from weighting.config import ALGORITHMS, WeightingConfig
 from weighting.critic import CriticWeighter
 from weighting.inputs import WeightingInputs
-from weighting.normalize import NormalizeConfig
 from weighting.rho1 import Rho1Weighter
 
 
 class Weighter(Protocol):
-    name: str
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]]
 
     def weights(self, inputs: WeightingInputs) -> torch.Tensor: ...
 
@@ -25,16 +30,14 @@ WEIGHTERS: dict[str, type] = {
     "rho1-wmtp": Rho1Weighter,
     "critic-wmtp": CriticWeighter,
 }
+assert set(WEIGHTERS) == set(ALGORITHMS), "weighting.config.ALGORITHMS and WEIGHTERS must agree"
 
 
-def unknown_key_message(kind: str, key: str, allowed: list[str]) -> str:
-    """'unknown <kind> 'x' (did you mean 'y'?); allowed: a, b' — one line for any bad key."""
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {kind} {key!r}{hint}; allowed: {', '.join(allowed)}"
-
-
-def get_weighter(name: str, config: NormalizeConfig | None = None) -> Weighter:
+def get_weighter(name: str, config: WeightingConfig | None = None) -> Weighter:
     if name not in WEIGHTERS:
-        raise KeyError(unknown_key_message("weighting algorithm", name, sorted(WEIGHTERS)))
-    return WEIGHTERS[name](config or NormalizeConfig())
+        allowed = sorted(WEIGHTERS)
+        raise KeyError(
+            f"unknown weighting algorithm {name!r}{did_you_mean(name, allowed)}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return WEIGHTERS[name](config or WeightingConfig(algo=name))

@@ -19,8 +19,16 @@ def weight_stats(
     vals = weights[valid.bool()].float()
     n = vals.numel()
     if n == 0:
-        return {"n_valid": 0, "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0,
-                "clipped_fraction": 0.0, "hist_counts": [0] * n_bins, "hist_max": 0.0}  # fmt: skip
+        return {
+            "n_valid": 0,
+            "mean": 0.0,
+            "std": 0.0,
+            "min": 0.0,
+            "max": 0.0,
+            "clipped_fraction": 0.0,
+            "hist_counts": [0] * n_bins,
+            "hist_max": 0.0,
+        }
     clipped = torch.zeros_like(vals, dtype=torch.bool)
     if min_weight is not None:
         clipped |= vals <= min_weight * (1 + 1e-5)

@@ -1,4 +1,5 @@
-"""Precomputed reference CE on disk: safetensors shards keyed by the training data's hash.
+"""The Rho-1 reference's per-token CE: computed by a reference forward, or read from precomputed
+safetensors shards keyed by the training data's hash.
 
     <root>/<data_hash>/ref_ce-00000.safetensors   one 1-D float32 tensor per sample id
     <root>/<data_hash>/index.json                  data_hash, reference id, sample → shard
@@ -13,10 +14,12 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.integrity import atomic_path, atomic_write_text, verify_sha256sums, write_sha256sums
+from model.transformer import Transformer
+from runtime.integrity import atomic_path, atomic_write_text, verify_sha256sums, write_sha256sums
 
 INDEX = "index.json"
 
@@ -51,8 +54,11 @@ class ReferenceCEWriter:
 
     def close(self) -> Path:
         self._flush()
-        index = {"data_hash": self.data_hash, "reference_id": self.reference_id,
-                 "samples": self.sample_to_shard}  # fmt: skip
+        index = {
+            "data_hash": self.data_hash,
+            "reference_id": self.reference_id,
+            "samples": self.sample_to_shard,
+        }
         atomic_write_text(self.directory / INDEX, json.dumps(index, sort_keys=True) + "\n")
         write_sha256sums(self.directory, [*self.files, INDEX])
         return self.directory
@@ -89,3 +95,27 @@ class ReferenceCEStore:
             raise KeyError(f"sample {sample_id!r} has no precomputed reference CE") from None
         with safe_open(str(self.directory / shard), framework="pt") as f:
             return f.get_tensor(sample_id)
+
+
+@torch.no_grad()
+def reference_next_token_ce(
+    reference: Transformer,
+    tokens: torch.Tensor,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """CE of the reference's next-token head: out[b, t] = −log p(tokens[b, t+1] | tokens[b, :t+1]).
+
+    The last position has no target and is NaN. Logits are built `chunk_size` positions at a
+    time so a 32000-word vocabulary never needs (bsz, seq, vocab) floats at once.
+    """
+    hidden = reference.head_hidden(reference(tokens, return_trunk=True), 0)
+    bsz, seq = tokens.shape
+    ce = torch.full((bsz, seq), float("nan"), device=tokens.device)
+    for start in range(0, seq - 1, chunk_size):
+        end = min(start + chunk_size, seq - 1)
+        logits = reference.output(hidden[:, start:end]).float()
+        targets = tokens[:, start + 1 : end + 1]
+        ce[:, start:end] = F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none"
+        ).view(bsz, end - start)
+    return ce

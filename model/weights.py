@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.args import ModelArgs
-from model.integrity import (
+from model.transformer import Transformer
+from runtime.integrity import (
     ChecksumError,
     atomic_path,
     atomic_write_bytes,
@@ -28,7 +29,6 @@ from model.integrity import (
     verify_sha256sums,
     write_sha256sums,
 )
-from model.transformer import Transformer
 
 META_IGNORED_KEYS = frozenset({"rope.freqs"})
 PARAMS_FILE = "params.json"

@@ -1,4 +1,4 @@
-"""Training checkpoints: model + optimizer (DCP, sharded when FSDP) + trainer state + per-rank RNG.
+"""Training checkpoints: model + optimizer (DCP, sharded when FSDP) + `TrainState` + per-rank RNG.
 
     <output>/checkpoints/step_0000100/   complete checkpoints only (written as .tmp, then renamed)
         dcp/                             torch.distributed.checkpoint of model, optimizer, extras
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,45 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model.args import ModelArgs
-from model.checkpoint import save_model_dir
-from model.integrity import atomic_write_text
+from model.weights import save_model_dir
+from runtime.integrity import atomic_write_text
 from training.distributed import DistInfo, barrier
 
 STATE_FILE = "trainer_state.json"
+HISTORY_KEPT = 2000  # history entries stored in a checkpoint (the run's full history is in MLflow)
+
+
+@dataclass
+class GuardState:
+    """What the NaN/OOM guards have done so far (saved with every checkpoint)."""
+
+    lr_scale: float = 1.0
+    consecutive_failures: int = 0
+    skipped_steps: int = 0
+    fired_faults: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    stage1_step: int = 0  # critic stage-1 steps done
+    run_id: str | None = None
+    best_val: float | None = None
+    micro_batch_size: int | None = None
+    loader: dict = field(default_factory=dict)  # TrainLoader.state_dict()
+    guard: GuardState = field(default_factory=GuardState)
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        state = asdict(self)
+        state["history"] = self.history[-HISTORY_KEPT:]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, GuardState(**value) if name == "guard" else value)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -14,9 +14,9 @@ from evaluation.generation import SamplingConfig, generate, speculative_greedy
 from evaluation.metrics import mean_pass_at_k
 from evaluation.sandbox import ExecResult, Sandbox
 from evaluation.tasks import Problem, function_program, outputs_match
-from model.integrity import atomic_write_text
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
+from runtime.integrity import atomic_write_text
 
 METRIC_NAMES = {
     "mbpp": "mbpp",
@@ -114,10 +114,21 @@ def evaluate_problems(
                 )
         for problem, sample, text, n_tokens, future in futures:
             verdict = future.result()
-            rows.append({"task_id": problem.task_id, "benchmark": problem.benchmark, "sample": sample,
-                         "completion": text, "n_tokens": n_tokens, **asdict(verdict)})  # fmt: skip
-    stats = {"gen_tokens": gen_tokens, "gen_seconds": gen_seconds,
-             "tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None}  # fmt: skip
+            rows.append(
+                {
+                    "task_id": problem.task_id,
+                    "benchmark": problem.benchmark,
+                    "sample": sample,
+                    "completion": text,
+                    "n_tokens": n_tokens,
+                    **asdict(verdict),
+                }
+            )
+    stats = {
+        "gen_tokens": gen_tokens,
+        "gen_seconds": gen_seconds,
+        "tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None,
+    }
     if accepted:
         stats["mean_accepted_per_forward"] = sum(accepted) / len(accepted)
     return rows, stats

@@ -83,20 +83,30 @@ def read_sha256sums(directory: str | Path) -> dict[str, str]:
     return entries
 
 
-def verify_sha256sums(directory: str | Path, only: Iterable[str] | None = None) -> None:
-    """Checks every file listed in `SHA256SUMS` (or just `only`); raises on the first mismatch."""
+def sha256sums_problems(directory: str | Path, only: Iterable[str] | None = None) -> list[str]:
+    """Every file listed in `SHA256SUMS` (or just `only`) that is missing or differs, one line each."""
     directory = Path(directory)
-    expected = read_sha256sums(directory)
-    names = sorted(expected) if only is None else list(only)
-    for name in names:
-        if name not in expected:
-            raise ChecksumError(f"{directory / name} is not listed in {directory / SUMS_FILE}")
+    try:
+        expected = read_sha256sums(directory)
+    except ChecksumError as exc:
+        return [str(exc)]
+    problems = []
+    for name in sorted(expected) if only is None else list(only):
         path = directory / name
-        if not path.is_file():
-            raise ChecksumError(f"{path} is listed in {SUMS_FILE} but missing")
-        actual = sha256_file(path)
-        if actual != expected[name]:
-            raise ChecksumError(
+        if name not in expected:
+            problems.append(f"{path} is not listed in {directory / SUMS_FILE}")
+        elif not path.is_file():
+            problems.append(f"{path} is listed in {SUMS_FILE} but missing")
+        elif (actual := sha256_file(path)) != expected[name]:
+            problems.append(
                 f"SHA256 mismatch for {path}: expected {expected[name]}, got {actual} "
                 "(file corrupted or modified; re-download or re-convert it)"
             )
+    return problems
+
+
+def verify_sha256sums(directory: str | Path, only: Iterable[str] | None = None) -> None:
+    """Checks every file listed in `SHA256SUMS` (or just `only`); raises on the first problem."""
+    problems = sha256sums_problems(directory, only)
+    if problems:
+        raise ChecksumError(problems[0])

@@ -1,0 +1,94 @@
+"""The recipe's `weighting:` section as the weighting code itself uses it, validated once.
+
+`WeightingConfig` *is* the recipe section: the normalisation keys sit at its top level (it extends
+`NormalizeConfig`, which the pipeline reads), the critic's under `critic:`. Every bad value raises
+`ConfigError("weighting.<key>=<value> is invalid: <what is allowed>")` when the object is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from runtime.schema import ConfigError, did_you_mean, require
+
+ALGORITHMS = ("baseline", "rho1-wmtp", "critic-wmtp")
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """scores → z-score → softmax(z/T) → mean 1 → clip to [min_weight, max_weight]."""
+
+    temperature: float = 1.0
+    min_weight: float = 0.05
+    max_weight: float = 3.0
+    mean_tolerance: float = 1e-3
+    zscore_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        w = "weighting"
+        require(self.temperature > 0, f"{w}.temperature", self.temperature, "must be > 0")
+        require(
+            0 < self.min_weight <= 1,
+            f"{w}.min_weight",
+            self.min_weight,
+            "must be in (0, 1] (mean 1 must stay reachable)",
+        )
+        require(
+            self.max_weight >= 1,
+            f"{w}.max_weight",
+            self.max_weight,
+            "must be >= 1 (mean 1 must stay reachable)",
+        )
+        require(
+            0 < self.mean_tolerance < 1,
+            f"{w}.mean_tolerance",
+            self.mean_tolerance,
+            "must be in (0, 1)",
+        )
+        require(self.zscore_eps > 0, f"{w}.zscore_eps", self.zscore_eps, "must be > 0")
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """critic-wmtp: sequence rewards, GAE and the stage-1 regression of the value head."""
+
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    reward_correct: float = 1.0
+    reward_incorrect: float = 0.0
+    stage1_steps: int = 200
+    value_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        w = "weighting.critic"
+        for name in ("gamma", "gae_lambda"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, f"{w}.{name}", value, "must be in [0, 1]")
+        require(self.stage1_steps >= 0, f"{w}.stage1_steps", self.stage1_steps, "must be >= 0")
+        require(self.value_lr > 0, f"{w}.value_lr", self.value_lr, "must be > 0")
+
+
+@dataclass(frozen=True)
+class WeightingConfig(NormalizeConfig):
+    """The whole `weighting:` section: algorithm, normalisation, reference CE source, critic."""
+
+    algo: str = "rho1-wmtp"
+    reference_source: Literal["online", "precomputed"] = "online"
+    reference_ce_dir: str | None = None
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.algo not in ALGORITHMS:
+            raise ConfigError(
+                f"weighting.algo={self.algo!r} is invalid: allowed {', '.join(ALGORITHMS)}"
+                f"{did_you_mean(self.algo, list(ALGORITHMS))}"
+            )
+        if self.reference_source == "precomputed":
+            require(
+                bool(self.reference_ce_dir),
+                "weighting.reference_ce_dir",
+                self.reference_ce_dir,
+                "set it when reference_source is 'precomputed'",
+            )
