@@ -29,6 +29,7 @@ from evaluation.tasks import (
 from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
 from runtime.config import load_env_config
+from runtime.precision import DTYPE_NAMES, resolve_precision
 from runtime.schema import ConfigError
 from runtime.tracking import Tracker
 
@@ -54,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="self-speculative greedy decoding with the MTP heads",
     )
     p.add_argument("--prompt-style", choices=("standard", "alpaca"), default="standard")
+    p.add_argument(
+        "--condition",
+        choices=("correct", "none"),
+        default="correct",
+        help="training-template prompts end their notes with the 'correct solution' label "
+        "(data processed with --incorrect tag, the default); none: no label",
+    )
     p.add_argument(
         "--mbpp", type=Path, help="mbpp.jsonl (default <storage>/datasets_v2/mbpp/raw/mbpp.jsonl)"
     )
@@ -81,6 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="auto",
+        help="auto: bfloat16 where the hardware computes it natively, else float32",
+    )
     p.add_argument("--output-dir", type=Path, help="default: <ckpt>/eval")
     p.add_argument(
         "--reference",
@@ -104,28 +118,28 @@ def find_tokenizer(ckpt: Path) -> Path:
     raise ConfigError(f"no tokenizer.model beside {ckpt}; pass --tokenizer")
 
 
-def load_model(ckpt: Path, device: torch.device):
+def load_model(ckpt: Path, device: torch.device, dtype: torch.dtype):
     args, state = load_checkpoint_dir(ckpt)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return build_model(args, state, device=device, dtype=dtype).eval()
 
 
 def problems_for(task: str, a: argparse.Namespace, storage_root: str):
+    condition = a.condition == "correct"
     if task == "mbpp":
         path = a.mbpp or Path(storage_root) / "datasets_v2" / "mbpp" / "raw" / "mbpp.jsonl"
-        problems = mbpp_problems(path, style=a.prompt_style)
+        problems = mbpp_problems(path, style=a.prompt_style, condition=condition)
     elif task == "humaneval":
-        problems = humaneval_problems(a.humaneval, style=a.prompt_style)
+        problems = humaneval_problems(a.humaneval, style=a.prompt_style, condition=condition)
     elif task == "tasks":
         if not a.synthetic:
             raise ConfigError("--tasks tasks needs --synthetic (the synthetic task JSONL)")
         ids = {r.task_id for r in read_records(a.synthetic_split)} if a.synthetic_split else None
-        problems = synthetic_problems(a.synthetic, ids)
+        problems = synthetic_problems(a.synthetic, ids, condition)
     else:
         path = (
             a.codecontests or Path(storage_root) / "datasets_v2" / "codecontests" / "raw" / "test"
         )
-        problems = codecontests_problems(path, a.max_tests)
+        problems = codecontests_problems(path, a.max_tests, condition)
     return problems[: a.limit] if a.limit else problems
 
 
@@ -150,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         model = tokenizer = None
         if not a.reference:
             tokenizer = Tokenizer(a.tokenizer or find_tokenizer(a.ckpt))
-            model = load_model(a.ckpt, device)
+            precision = resolve_precision(a.dtype, device)
+            print(f"[eval] compute dtype {precision.name}: {precision.reason}", flush=True)
+            model = load_model(a.ckpt, device, precision.dtype)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,10 +30,11 @@ import torch
 from data.tokenized import cache_key
 from model.tokenizer import Tokenizer
 from runtime.config import EnvConfig, load_env_config
+from runtime.precision import resolve_precision
 from runtime.schema import ConfigError
 from runtime.tracking import Tracker
 from training.checkpoints import CheckpointManager, TrainState, export_safetensors
-from training.critic_stage1 import build_value_head, critic_stage1_step
+from training.critic_stage1 import build_value_head, run_stage1
 from training.distributed import DistInfo, all_true, init_distributed, shutdown
 from training.guards import (
     EXIT_CONFIG,
@@ -44,6 +45,7 @@ from training.guards import (
     on_nonfinite_step,
     on_out_of_memory,
     parameters_finite,
+    weighting_failure,
 )
 from training.loss import autocast, mtp_loss_backward
 from training.parallel import set_gradient_sync
@@ -51,7 +53,6 @@ from training.recipe import Recipe, load_recipe
 from training.reference import ReferenceCEStore
 from training.report import StepLog, WeightSamples, start_tracking, write_reports
 from training.setup import (
-    DTYPES,
     build_loader,
     build_optimizer,
     build_training_model,
@@ -61,16 +62,17 @@ from training.setup import (
     load_reference_files,
     lr_at,
 )
-from training.signals import critic_td_errors, policy_head_ce, reference_ce
+from training.signals import Signals
 from training.step import (
     StepTotals,
     clip_gradients,
     global_target_counts,
     is_finite,
+    select_step_tokens,
     set_lr,
     validation_loss,
 )
-from weighting import WeightingInputs, get_weighter, scalar_stats
+from weighting import WeightingError, get_weighter, scalar_stats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    info = init_distributed(recipe.run.device)
+    info = init_distributed(recipe.run.device, recipe.run.dist_timeout_s)
     try:
         return train(recipe, env, info)
     except (ConfigError, FileNotFoundError) as exc:
@@ -103,7 +105,10 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
     # ------------------------------------------------------------------------------ set-up
     torch.manual_seed(recipe.run.seed)
     r, device, out = recipe, info.device, Path(recipe.run.output_dir)
-    dtype = DTYPES[r.model.dtype]
+    precision = resolve_precision(r.model.dtype, device)
+    dtype = precision.dtype
+    if info.is_main:
+        print(f"[setup] compute dtype {precision.name}: {precision.reason}", flush=True)
     tokenizer = Tokenizer(r.model.tokenizer)
     args, weights = load_base(r.model, tokenizer)
     n_heads = args.n_future_tokens
@@ -115,14 +120,26 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
     data_hash = cache_key(Path(r.data.train), tokenizer)
 
     weighter = get_weighter(r.weighting.algo, r.weighting)
-    reference = ref_store = value_head = value_optimizer = None
+    signals = Signals(
+        model,
+        n_heads,
+        r.train.ce_chunk_size,
+        dtype,
+        isolate_samples=r.data.pack,
+        score=r.weighting.rho1.score,
+        critic=r.weighting.critic,
+    )
+    value_optimizer = None
     if "ref_ce" in weighter.needs and r.weighting.reference_source == "online":
         ref_args, ref_weights = load_reference_files(r.model, args)
-        reference = build_training_model(ref_args, ref_weights, info, dtype, use_fsdp, False)
+        signals.reference = build_training_model(
+            ref_args, ref_weights, info, dtype, use_fsdp, False
+        )
     if "ref_ce" in weighter.needs and r.weighting.reference_source == "precomputed":
-        ref_store = ReferenceCEStore(r.weighting.reference_ce_dir, data_hash)
+        signals.store = ReferenceCEStore(r.weighting.reference_ce_dir, data_hash)
     if "td_error" in weighter.needs:
-        value_head, value_optimizer = build_value_head(args.dim, r.weighting.critic, device)
+        signals.value_head, value_optimizer = build_value_head(args.dim, r.weighting.critic, device)
+    value_head = signals.value_head
     extra_modules = {"value_head": value_head} if value_head is not None else {}
 
     optimizer = build_optimizer(model, r.train, device)
@@ -155,6 +172,8 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
         "model.n_params": n_params,
         "data.hash": data_hash,
         "world_size": info.world_size,
+        "model.compute_dtype": precision.name,
+        "model.compute_dtype_reason": precision.reason,
     }
     state.run_id = start_tracking(tracker, r, run_params, state.run_id, info)
     log = StepLog(state.history, tracker, r.train.log_every, info.is_main)
@@ -163,16 +182,24 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
     peak_flops = env.hardware.peak_tflops * 1e12 * info.world_size
 
     failure: TrainingFailure | None = None
+    warnings: list[str] = []
     try:
-        # ------------------------------------------- critic stage 1: fit the value head
-        stage1_steps = r.weighting.critic.stage1_steps
-        while value_head is not None and state.stage1_step < stage1_steps:
-            batch = loader.next_batch().to(device)
-            value_loss = critic_stage1_step(
-                model, value_head, value_optimizer, batch, r.weighting.critic, dtype, info
+        # ------------------------- critic stage 1 (critic-wmtp): fit the value head, measure it
+        if value_head is not None:
+            held_out = loader_for(r.data.validation, seed=0) if r.data.validation else None
+            warnings += run_stage1(
+                state,
+                model,
+                value_head,
+                value_optimizer,
+                loader,
+                held_out,
+                r.weighting.critic,
+                r.train.eval_batches,
+                signals,
+                info,
+                log,
             )
-            state.stage1_step += 1
-            log({"stage1_value_loss": value_loss}, state.stage1_step, stage1_steps, "stage1")
 
         # ---------------------------------------------------------- optimizer steps
         accum = r.train.grad_accum * r.data.micro_batch_size // loader.config.batch_size
@@ -182,26 +209,24 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
             try:
                 batches = [loader.next_batch().to(device) for _ in range(accum)]
                 n_targets = global_target_counts(batches, n_heads, info)
+                selected = None
+                if weighter.selects_per_step:  # Rho-1 selection: the step's top tokens, all ranks
+                    selected, n_targets = select_step_tokens(
+                        batches, weighter, signals, r.weighting.rho1.select_ratio, info
+                    )
                 lr = set_lr(optimizer, lr_at(state.step, r.train) * state.guard.lr_scale)
                 totals = StepTotals(n_heads)
                 for i, batch in enumerate(batches):
                     set_gradient_sync(model, i == len(batches) - 1)
+                    segments = signals.segments(batch)
                     with autocast(device, dtype):
-                        trunk = model(batch.tokens, return_trunk=True)
-                    inputs = WeightingInputs(batch.valid)
-                    if "base_ce" in weighter.needs:
-                        inputs.base_ce = policy_head_ce(
-                            model, trunk.detach(), batch.labels, r.train.ce_chunk_size, dtype
-                        )
-                    if "ref_ce" in weighter.needs:
-                        inputs.ref_ce = reference_ce(
-                            batch, n_heads, r.train.ce_chunk_size, dtype, reference, ref_store
-                        )
-                    if "td_error" in weighter.needs:
-                        inputs.td_error = critic_td_errors(
-                            value_head, trunk.detach(), batch, r.weighting.critic, n_heads
-                        )
-                    token_weights = weighter.weights(inputs)
+                        trunk = model(batch.tokens, return_trunk=True, segment_ids=segments)
+                    if selected is None:
+                        inputs = signals.inputs(weighter.needs, batch, trunk.detach())
+                        scores = weighter.scores(inputs)
+                        token_weights = weighter.weights_from_scores(scores, batch.valid)
+                    else:
+                        scores, token_weights = selected[i]
                     result = mtp_loss_backward(
                         model,
                         trunk,
@@ -212,8 +237,9 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
                         r.train.ce_chunk_size,
                         info.world_size,
                         dtype,
+                        segments,
                     )
-                    totals.add(batch, token_weights, result)
+                    totals.add(batch, token_weights, scores, result)
                 inject_faults(r.faults, state.guard, state.step, model)
                 grad_norm = clip_gradients(model, r.train.grad_clip, use_fsdp)
             except torch.OutOfMemoryError as exc:
@@ -225,8 +251,10 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
                 loader.load_state_dict(cursor)
                 accum *= 2
                 continue
+            except WeightingError as exc:
+                raise weighting_failure(exc, state.step, r.train) from None
 
-            loss, head_ce, tokens = totals.reduce(info)
+            loss, head_ce, tokens, diagnostics = totals.reduce(info)
             finite = all_true(is_finite(loss, grad_norm), info)
             if finite:
                 optimizer.step()
@@ -253,6 +281,7 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
                 "tokens_per_s": tokens / elapsed,
                 "step_time_s": elapsed,
                 **scalar_stats(stats),
+                **diagnostics,
                 **{f"ce_head{k}": head_ce[k] for k in range(n_heads)},
             }
             metrics["mfu"] = flops * metrics["tokens_per_s"] / peak_flops
@@ -261,7 +290,13 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
             if r.train.eval_every and state.step % r.train.eval_every == 0 and r.data.validation:
                 val_loader = loader_for(r.data.validation, seed=0)
                 val = validation_loss(
-                    model, val_loader, r.train.eval_batches, r.train.ce_chunk_size, dtype, info
+                    model,
+                    val_loader,
+                    r.train.eval_batches,
+                    r.train.ce_chunk_size,
+                    dtype,
+                    info,
+                    r.data.pack,
                 )
             log({**metrics, **(val or {})}, state.step, r.train.max_steps)
 
@@ -297,7 +332,9 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
         )
     if info.is_main:
         failed = (failure.what, failure.next_action) if failure else None
-        report = write_reports(out, r, state, n_heads, samples, tokenizer, tracker, export, failed)
+        report = write_reports(
+            out, r, state, n_heads, samples, tokenizer, tracker, export, failed, warnings
+        )
         if failure:
             print(
                 f"error: {failure.what}\nnext action: {failure.next_action}\nreport: {report}",

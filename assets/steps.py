@@ -441,7 +441,9 @@ class DatasetStep(Step):
             raise FileNotFoundError(
                 f"{tokenizer} missing: run steps 2–3 first (lengths are counted in its tokens)"
             )
-        cfg = ProcessConfig(max_length=ctx.config.assets.max_length)
+        cfg = ProcessConfig(
+            max_length=ctx.config.assets.max_length, incorrect=ctx.config.assets.incorrect
+        )
         mbpp = ctx.layout.dataset("mbpp", "raw") / "mbpp.jsonl"
         summary = prepare(
             self.dataset,

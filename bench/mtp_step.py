@@ -7,6 +7,8 @@ on a GPU, peak RSS on the CPU. Variants:
   ntp-naive       next-token step of the same model: head 0 only, full logits
   mtp-naive       4 heads, all heads' full logits alive, one backward
   mtp-sequential  4 heads, one head at a time, CE chunked over the sequence (training/loss.py)
+  mtp-isolated    mtp-sequential on packed rows of `--segments` samples each, kept apart by
+                  segment ids (block-causal mask, positions restarting per sample)
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 
 from data.loader import IGNORE_INDEX
 from model import ModelArgs, Transformer
+from runtime.precision import DTYPE_NAMES, cpu_capability, resolve_precision
 from training.loss import mtp_loss_backward, naive_mtp_loss
 
-VARIANTS = ("ntp-naive", "mtp-naive", "mtp-sequential")
+VARIANTS = ("ntp-naive", "mtp-naive", "mtp-sequential", "mtp-isolated")
 
 
 def run_variant(variant: str, a: argparse.Namespace) -> dict:
@@ -35,7 +38,8 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
     )
     model = Transformer(args).to(device)
     model.init_weights(seed=0)
-    dtype = torch.bfloat16
+    precision = resolve_precision(a.dtype, device)
+    dtype = precision.dtype
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq), device=device)
     labels = torch.stack([torch.roll(tokens, -k - 1, dims=1) for k in range(4)], dim=-1)
     for k in range(4):
@@ -43,16 +47,27 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
     lam = [1.0, 0.0, 0.0, 0.0] if variant == "ntp-naive" else [1.0] * 4
     denominators = [float((labels[..., k] != IGNORE_INDEX).sum()) for k in range(4)]
     weights = (labels != IGNORE_INDEX).float()
+    segment_ids = None
+    if variant == "mtp-isolated":  # equal-length samples packed into each row
+        segment_ids = (torch.arange(a.seq, device=device) * a.segments // a.seq).expand(a.batch, -1)
 
     def autocast():
-        return torch.autocast(device.type, dtype=dtype)
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
-        if variant == "mtp-sequential":
+        if variant in ("mtp-sequential", "mtp-isolated"):
             with autocast():
-                trunk = model(tokens, return_trunk=True)
+                trunk = model(tokens, return_trunk=True, segment_ids=segment_ids)
             mtp_loss_backward(
-                model, trunk, labels, weights, lam, denominators, a.chunk, compute_dtype=dtype
+                model,
+                trunk,
+                labels,
+                weights,
+                lam,
+                denominators,
+                a.chunk,
+                compute_dtype=dtype,
+                segment_ids=segment_ids,
             )
         elif variant == "mtp-naive":
             with autocast():
@@ -85,6 +100,7 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
     return {
         "variant": variant,
         "device": device.type,
+        "dtype": precision.name,
         "tokens_per_s": round(a.batch * a.seq / seconds),
         "step_s": round(seconds, 3),
         "peak_mib": round(peak / 2**20),
@@ -94,6 +110,7 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -101,13 +118,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
+    parser.add_argument("--segments", type=int, default=4, help="samples per row (mtp-isolated)")
     a = parser.parse_args()
     if a.variant:
         print(json.dumps(run_variant(a.variant, a)))
         return
     passthrough = sys.argv[1:]
     rows = []
-    for variant in VARIANTS:
+    for variant in a.variants.split(","):
         out = subprocess.run(
             [sys.executable, "-m", "bench.mtp_step", "--variant", variant, *passthrough],
             capture_output=True,
@@ -115,7 +134,11 @@ def main() -> None:
             check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(json.dumps({"config": vars(a), "results": rows}, indent=2))
+    machine = {
+        "cpu": cpu_capability(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    print(json.dumps({"config": vars(a), "machine": machine, "results": rows}, indent=2))
 
 
 if __name__ == "__main__":

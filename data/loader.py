@@ -173,3 +173,7 @@ class TrainLoader:
         mine = rows[self.rank * self.config.batch_size : (self.rank + 1) * self.config.batch_size]
         self.step += 1
         return self._collate(mine)
+
+    def split_is_correct(self) -> np.ndarray:
+        """is_correct of every sample this loader can serve (the critic's reward labels)."""
+        return self.data.is_correct[self.eligible]

@@ -24,6 +24,7 @@ import numpy as np
 
 from data.leakage import BenchmarkIndex
 from data.process import (
+    INCORRECT_POLICIES,
     TEMPLATE_VERSION,
     ProcessConfig,
     codecontests_problem,
@@ -222,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-solutions-per-task", type=int)
     parser.add_argument(
+        "--incorrect",
+        choices=INCORRECT_POLICIES,
+        default="tag",
+        help="incorrect solutions: tag (a correctness label in the prompt; evaluation asks for "
+        "'correct'), drop, or keep unlabelled (default tag)",
+    )
+    parser.add_argument(
         "--mbpp", type=Path, help="mbpp.jsonl whose test split must not leak into train"
     )
     args = parser.parse_args(argv)
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             max_length=args.max_length,
             languages=tuple(args.languages.split(",")),
             max_solutions_per_task=args.max_solutions_per_task,
+            incorrect=args.incorrect,
         )
         summary = prepare(
             args.dataset,

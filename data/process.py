@@ -9,7 +9,7 @@ from data.readers import CODECONTESTS_SOURCES, language_name
 from data.records import DataError, Record
 from model.tokenizer import Tokenizer
 
-TEMPLATE_VERSION = "alpaca-v1"
+TEMPLATE_VERSION = "alpaca-v2-correctness"  # v2: a correctness label line in the notes
 PROMPT_TEMPLATE = """### Instruction:
 {instruction}
 
@@ -23,6 +23,10 @@ PROMPT_TEMPLATE = """### Instruction:
 """
 TRUNCATION_MARK = "\n[... description shortened ...]"
 LANGUAGE_TAGS = {"PYTHON3": "python3", "PYTHON": "python2", "CPP": "cpp", "JAVA": "java"}
+# The last line of the Evaluation Notes under `incorrect: tag`; evaluation prompts carry the
+# "correct" one, so the model is asked for what it learned a correct solution looks like.
+CORRECTNESS_LABELS = {True: "Label: correct solution.", False: "Label: incorrect solution."}
+INCORRECT_POLICIES = ("tag", "drop", "keep")
 
 
 @dataclass(frozen=True)
@@ -31,8 +35,13 @@ class ProcessConfig:
     min_description_tokens: int = 128
     languages: tuple[str, ...] = ("PYTHON3",)
     max_solutions_per_task: int | None = None
+    incorrect: str = "tag"  # incorrect solutions: tag (label in the prompt) | drop | keep
 
     def __post_init__(self) -> None:
+        if self.incorrect not in INCORRECT_POLICIES:
+            raise ValueError(
+                f"--incorrect {self.incorrect!r} is invalid: allowed {', '.join(INCORRECT_POLICIES)}"
+            )
         if self.max_length < 64:
             raise ValueError(f"max_length={self.max_length} is invalid: must be >= 64")
         for lang in self.languages:
@@ -61,6 +70,11 @@ def render_prompt(instruction: str, input: str, notes: str) -> str:  # noqa: A00
     )
 
 
+def labelled_notes(notes: str, is_correct: bool) -> str:
+    """The notes with the correctness label as their last line."""
+    return f"{notes.strip()}\n{CORRECTNESS_LABELS[is_correct]}"
+
+
 def normalize_code(code: str) -> str:
     """LF line ends, no trailing spaces, one final newline: the form that is trained on."""
     lines = code.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -80,11 +94,12 @@ def _shorten(text: str, excess: int, tok: Tokenizer, floor: int) -> str | None:
 
 
 def fit_length(
-    problem: Problem, code: str, tok: Tokenizer, cfg: ProcessConfig
+    problem: Problem, code: str, tok: Tokenizer, cfg: ProcessConfig, notes: str | None = None
 ) -> tuple[str, str, dict]:
     """Shortens the description (instruction, then input) first, then truncates the code,
-    re-checking the token count after each step."""
-    fields = {"instruction": problem.instruction, "input": problem.input, "notes": problem.notes}
+    re-checking the token count after each step. `notes` replaces the problem's notes."""
+    notes = problem.notes if notes is None else notes
+    fields = {"instruction": problem.instruction, "input": problem.input, "notes": notes}
     prompt = render_prompt(**fields)
     n = count_tokens(tok, prompt, code)
     info = {"n_tokens": n, "truncated": False, "shortened": False}
@@ -110,10 +125,14 @@ def fit_length(
 
 
 def problem_records(problem: Problem, tok: Tokenizer, cfg: ProcessConfig) -> Iterator[Record]:
+    """One record per solution; incorrect ones labelled, dropped or kept as `cfg.incorrect` says."""
     for index, (code, is_correct, language) in enumerate(
         problem.solutions[: cfg.max_solutions_per_task]
     ):
-        prompt, response, info = fit_length(problem, code, tok, cfg)
+        if cfg.incorrect == "drop" and not is_correct:
+            continue
+        notes = labelled_notes(problem.notes, is_correct) if cfg.incorrect == "tag" else None
+        prompt, response, info = fit_length(problem, code, tok, cfg, notes)
         yield Record(
             prompt,
             response,

@@ -2,6 +2,8 @@
 
 Checks: SHA256 of every file against processed/SHA256SUMS; the record schema; token lengths
 (recounted with --tokenizer, else the recorded n_tokens) against the manifest's max_length;
+correctness labels as the manifest's `incorrect` policy says (tag: every prompt labelled with its
+own correctness; drop: no incorrect solution);
 task-id disjointness of train/validation/test and small ⊆ full splits; leakage of MBPP test
 problems or HumanEval into the training splits. Exit code 1 when anything is wrong.
 """
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 from data.leakage import BenchmarkIndex
-from data.process import count_tokens
+from data.process import CORRECTNESS_LABELS, count_tokens
 from data.records import DataError, Record, iter_jsonl, schema_errors
 from data.splits import SMALL_SPLITS, SPLITS
 from model.tokenizer import Tokenizer
@@ -61,6 +63,23 @@ def check_lengths(
             problems.append(f"{name}.jsonl:{i}: no n_tokens recorded (pass --tokenizer to count)")
         elif n > max_length:
             problems.append(f"{name}.jsonl:{i}: {n} tokens > max_length {max_length}")
+    return problems
+
+
+def check_correctness_labels(name: str, records: list[Record], policy: str) -> list[str]:
+    """`tag`: every prompt carries the label of its own correctness; `drop`: no incorrect record."""
+    problems = []
+    for i, record in enumerate(records, start=1):
+        correct = bool(record.metadata["is_correct"])
+        if policy == "drop" and not correct:
+            problems.append(f"{name}.jsonl:{i}: incorrect solution kept although incorrect=drop")
+        if policy == "tag" and (
+            CORRECTNESS_LABELS[correct] not in record.prompt
+            or CORRECTNESS_LABELS[not correct] in record.prompt
+        ):
+            problems.append(
+                f"{name}.jsonl:{i}: prompt lacks the label {CORRECTNESS_LABELS[correct]!r}"
+            )
     return problems
 
 
@@ -114,11 +133,13 @@ def validate(
     if not manifest:
         problems.append(f"{manifest_path}: missing")
     max_length = manifest.get("config", {}).get("max_length", 2048)
+    policy = manifest.get("config", {}).get("incorrect", "keep")
     tok = Tokenizer(tokenizer) if tokenizer else None
     splits = {}
     for path in sorted(processed.glob("*.jsonl")):
         splits[path.stem] = load_split(path, problems)
         problems += check_lengths(path.stem, splits[path.stem], max_length, tok)
+        problems += check_correctness_labels(path.stem, splits[path.stem], policy)
     problems += [f"{processed}/{name}.jsonl: missing" for name in SPLITS if name not in splits]
     problems += check_disjoint(splits)
     problems += check_leakage(splits, BenchmarkIndex.build(mbpp=mbpp, humaneval=humaneval))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.process import render_prompt
+from data.process import labelled_notes, render_prompt
 from data.readers import read_codecontests, read_humaneval, read_mbpp, read_tasks
 
 MBPP_SHOTS = (2, 3, 4)
@@ -36,6 +36,12 @@ class Problem:
     completion_prefix: str = ""  # put before the completion in the program (HumanEval's prompt)
 
 
+def conditioned(notes: str, condition: bool) -> str:
+    """Training-template notes, ending with the "correct solution" label when `condition`
+    (the data was processed with `--incorrect tag`)."""
+    return labelled_notes(notes, True) if condition else notes
+
+
 def _mbpp_block(p: dict, with_code: bool) -> str:
     tests = "\n".join(p["test_list"])
     head = f"You are an expert Python programmer, and here is your task: {p['text']} Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
@@ -43,7 +49,10 @@ def _mbpp_block(p: dict, with_code: bool) -> str:
 
 
 def mbpp_problems(
-    path: str | Path, ids: Iterable[int] = MBPP_TEST_IDS, style: PromptStyle = "standard"
+    path: str | Path,
+    ids: Iterable[int] = MBPP_TEST_IDS,
+    style: PromptStyle = "standard",
+    condition: bool = True,
 ) -> list[Problem]:
     raw = {p["task_id"]: p for p in read_mbpp(path)}
     shots = "".join(_mbpp_block(raw[i], True) for i in MBPP_SHOTS) if style == "standard" else ""
@@ -57,7 +66,9 @@ def mbpp_problems(
             prompt = render_prompt(
                 p["text"],
                 "Your code should pass these tests:\n" + "\n".join(p["test_list"]),
-                "Python 3. Define the function exactly as the tests call it.",
+                conditioned(
+                    "Python 3. Define the function exactly as the tests call it.", condition
+                ),
             )
             stop = ["\n### "]
         problems.append(
@@ -74,7 +85,7 @@ def mbpp_problems(
 
 
 def humaneval_problems(
-    path: str | Path | None = None, style: PromptStyle = "standard"
+    path: str | Path | None = None, style: PromptStyle = "standard", condition: bool = True
 ) -> list[Problem]:
     problems = []
     for p in read_humaneval(path):
@@ -95,7 +106,10 @@ def humaneval_problems(
             prompt = render_prompt(
                 "Complete the following Python function.",
                 p["prompt"],
-                f"Python 3. The function `{p['entry_point']}` is tested by hidden unit tests.",
+                conditioned(
+                    f"Python 3. The function `{p['entry_point']}` is tested by hidden unit tests.",
+                    condition,
+                ),
             )
             problems.append(
                 Problem(
@@ -115,7 +129,9 @@ def _io_pairs(block: dict | None) -> list[tuple[str, str]]:
     return list(zip(block.get("input", []), block.get("output", []), strict=False))
 
 
-def codecontests_problems(path: str | Path, max_tests: int | None = None) -> list[Problem]:
+def codecontests_problems(
+    path: str | Path, max_tests: int | None = None, condition: bool = True
+) -> list[Problem]:
     problems = []
     for raw in read_codecontests(path):
         tests = (
@@ -130,7 +146,9 @@ def codecontests_problems(path: str | Path, max_tests: int | None = None) -> lis
         prompt = render_prompt(
             raw["description"],
             example,
-            "Language: Python 3. Read from standard input, write to standard output.",
+            conditioned(
+                "Language: Python 3. Read from standard input, write to standard output.", condition
+            ),
         )
         reference = ""
         sols = raw["solutions"] or {}
@@ -151,7 +169,9 @@ def codecontests_problems(path: str | Path, max_tests: int | None = None) -> lis
     return problems
 
 
-def synthetic_problems(raw_path: str | Path, task_ids: set[str] | None = None) -> list[Problem]:
+def synthetic_problems(
+    raw_path: str | Path, task_ids: set[str] | None = None, condition: bool = True
+) -> list[Problem]:
     """Tasks of launch.synthetic_tasks (only `task_ids`, e.g. the test split), in the training template."""
     problems = []
     for raw in read_tasks(raw_path):
@@ -160,7 +180,7 @@ def synthetic_problems(raw_path: str | Path, task_ids: set[str] | None = None) -
         prompt = render_prompt(
             raw["text"],
             "Your code should pass these tests:\n" + "\n".join(raw["tests"]),
-            "Python 3. Define the function exactly as the tests call it.",
+            conditioned("Python 3. Define the function exactly as the tests call it.", condition),
         )
         reference = next(s["code"] for s in raw["solutions"] if s["is_correct"])
         problems.append(

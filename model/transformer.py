@@ -30,25 +30,28 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(
-    start_pos: int, seqlen: int, head_dim: int, theta: float, device: torch.device
+    positions: torch.Tensor, head_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the rotary angles for positions start_pos..start_pos+seqlen-1, (seqlen, hd/2)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    )
-    positions = torch.arange(start_pos, start_pos + seqlen, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq)
+    """cos/sin of the rotary angles at `positions` ((seqlen,) or (bsz, seqlen)): (..., hd/2)."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates adjacent pairs (x[2i], x[2i+1]) as Meta's complex `freqs_cis` does.
 
-    x: (bsz, seqlen, n_heads, head_dim); cos/sin: (seqlen, head_dim/2).
+    x: (bsz, seqlen, n_heads, head_dim); cos/sin: (seqlen, hd/2), or (bsz, seqlen, hd/2) when
+    every row has its own positions.
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (
+        (cos[None, :, None, :], sin[None, :, None, :])
+        if cos.dim() == 2
+        else (cos[:, :, None, :], sin[:, :, None, :])
+    )
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -105,7 +108,9 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         start_pos: int = 0,
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` (bsz, 1, seqlen, kv_len) bool, True where a query may attend; default causal."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -114,11 +119,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        masking = (
+            causal_mask_kwargs(seqlen, k.shape[2], x.device)
+            if mask is None
+            else {"attn_mask": mask}
+        )
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            **causal_mask_kwargs(seqlen, k.shape[2], x.device),
+            **masking,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -133,6 +143,24 @@ def causal_mask_kwargs(q_len: int, kv_len: int, device: torch.device) -> dict:
     offset = kv_len - q_len
     q_pos = torch.arange(q_len, device=device)[:, None] + offset
     return {"attn_mask": torch.arange(kv_len, device=device)[None, :] <= q_pos}
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(bsz, seqlen) position of every token within its segment (0 at each segment start)."""
+    seqlen = segment_ids.shape[1]
+    index = torch.arange(seqlen, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(bsz, 1, seqlen, seqlen) bool: causal, and only within the query's own segment."""
+    seqlen = segment_ids.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
 
 
 class FeedForward(nn.Module):
@@ -161,8 +189,9 @@ class TransformerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         start_pos: int = 0,
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, cache)
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -232,17 +261,36 @@ class Transformer(nn.Module):
             for _ in self.blocks()
         ]
 
-    def _rope(self, start_pos: int, seqlen: int, device: torch.device):
-        return rotary_tables(start_pos, seqlen, self.args.head_dim, self.args.rope_theta, device)
+    def _layout(
+        self, start_pos: int, seqlen: int, device: torch.device, segment_ids: torch.Tensor | None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """RoPE tables and attention mask: positions start_pos.. with causal attention, or, with
+        `segment_ids`, positions restarting at 0 in each segment and attention inside it only."""
+        if segment_ids is None:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=device)
+            return rotary_tables(positions, self.args.head_dim, self.args.rope_theta), None
+        if start_pos != 0:
+            raise ValueError("segment_ids isolate packed samples in a full forward (start_pos 0)")
+        positions = segment_positions(segment_ids)
+        rope = rotary_tables(positions, self.args.head_dim, self.args.rope_theta)
+        return rope, segment_mask(segment_ids)
 
     def trunk(
-        self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: list[KVCache] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden state after the shared trunk, (bsz, seqlen, dim)."""
+        """Hidden state after the shared trunk, (bsz, seqlen, dim).
+
+        `segment_ids` (bsz, seqlen; the loader's, −1 on padding) keeps packed samples apart: a
+        token attends only to earlier tokens of its own segment, and positions restart at 0.
+        """
         h = self.tok_embeddings(tokens)
-        rope = self._rope(start_pos, tokens.shape[1], h.device)
+        rope, mask = self._layout(start_pos, tokens.shape[1], h.device, segment_ids)
         for i, layer in enumerate(self.trunk_layers):
-            h = layer(h, rope, start_pos, cache[i] if cache else None)
+            h = layer(h, rope, start_pos, cache[i] if cache else None, mask)
         return h
 
     def head_hidden(
@@ -251,13 +299,14 @@ class Transformer(nn.Module):
         head: int,
         start_pos: int = 0,
         cache: list[KVCache] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalised hidden state of prediction head `head` (0 = next token)."""
         if not 0 <= head < self.n_future_tokens:
             raise IndexError(f"head {head} out of range: model has {self.n_future_tokens} heads")
-        rope = self._rope(start_pos, h_trunk.shape[1], h_trunk.device)
+        rope, mask = self._layout(start_pos, h_trunk.shape[1], h_trunk.device, segment_ids)
         block_cache = cache[len(self.trunk_layers) + head] if cache else None
-        return self.norm(self.heads[head](h_trunk, rope, start_pos, block_cache))
+        return self.norm(self.heads[head](h_trunk, rope, start_pos, block_cache, mask))
 
     def head_logits(
         self,
@@ -265,9 +314,10 @@ class Transformer(nn.Module):
         head: int,
         start_pos: int = 0,
         cache: list[KVCache] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of one head, (bsz, seqlen, vocab), in the compute dtype."""
-        return self.output(self.head_hidden(h_trunk, head, start_pos, cache))
+        return self.output(self.head_hidden(h_trunk, head, start_pos, cache, segment_ids))
 
     def forward(
         self,
@@ -276,6 +326,7 @@ class Transformer(nn.Module):
         cache: list[KVCache] | None = None,
         n_heads: int | None = None,
         return_trunk: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Float logits of the first `n_heads` heads (all by default): (bsz, seq, n_heads, vocab).
 
@@ -283,9 +334,11 @@ class Transformer(nn.Module):
         run the heads one at a time with `head_hidden`/`head_logits` (a call of the module itself,
         so wrappers such as FSDP see the forward).
         """
-        h_trunk = self.trunk(tokens, start_pos, cache)
+        h_trunk = self.trunk(tokens, start_pos, cache, segment_ids)
         if return_trunk:
             return h_trunk
         n_heads = self.n_future_tokens if n_heads is None else n_heads
-        logits = [self.head_logits(h_trunk, k, start_pos, cache) for k in range(n_heads)]
+        logits = [
+            self.head_logits(h_trunk, k, start_pos, cache, segment_ids) for k in range(n_heads)
+        ]
         return torch.stack(logits, dim=-2).float()

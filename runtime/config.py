@@ -156,6 +156,9 @@ class AssetsConfig:
     micro: MicroConfig = field(default_factory=MicroConfig)
     max_length: int = 2048
     split_seed: int = 42
+    incorrect: Literal["tag", "drop", "keep"] = (
+        "tag"  # incorrect solutions (data.prepare --incorrect)
+    )
 
 
 @dataclass

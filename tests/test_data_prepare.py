@@ -228,3 +228,58 @@ def test_validator_lists_every_violation(mbpp_prepared, mbpp_path, tmp_path, cap
     assert "contains mbpp/11 text, mbpp/11 code" in text
     assert validate_main([str(out), "--mbpp", str(mbpp_path)]) == 1
     assert "violation(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("policy", ["tag", "drop", "keep"])
+def test_incorrect_solutions_are_tagged_dropped_or_kept(tmp_path, llama2_tokenizer_path, policy):
+    write_jsonl(fixture_problems(), tmp_path / "raw" / "train.jsonl")
+    assert prepare_main(["--dataset", "codecontests", "--source-dir", str(tmp_path / "raw"),
+                         "--output-dir", str(tmp_path / "out"), "--tokenizer", str(llama2_tokenizer_path),
+                         "--incorrect", policy]) == 0  # fmt: skip
+    records = [r for name in ("train", "validation", "test")
+               for r in read_records(tmp_path / "out" / "processed" / f"{name}.jsonl")]  # fmt: skip
+    correct = [r for r in records if r.metadata["is_correct"]]
+    incorrect = [r for r in records if not r.metadata["is_correct"]]
+    assert correct
+    if policy == "tag":
+        assert incorrect and all("Label: incorrect solution." in r.prompt for r in incorrect)
+        assert all("Label: correct solution." in r.prompt for r in correct)
+    elif policy == "drop":
+        assert not incorrect
+    else:
+        assert incorrect and not any("Label:" in r.prompt for r in records)
+    manifest = json.loads((tmp_path / "out" / "processed" / "manifest.json").read_text())
+    assert manifest["config"]["incorrect"] == policy and manifest["template"].startswith(
+        "alpaca-v2"
+    )
+    assert validate(tmp_path / "out", humaneval=False) == []
+
+
+def test_validator_catches_a_wrong_correctness_label(tmp_path, llama2_tokenizer_path):
+    write_jsonl(fixture_problems(), tmp_path / "raw" / "train.jsonl")
+    prepare("codecontests", tmp_path / "raw", tmp_path / "out", llama2_tokenizer_path,
+            ProcessConfig(incorrect="tag"), humaneval_for_decontamination=False)  # fmt: skip
+    train = tmp_path / "out" / "processed" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"is_correct": false' in line)
+    lines[index] = lines[index].replace("Label: incorrect solution.", "Label: correct solution.")
+    train.write_text("\n".join(lines) + "\n")
+    problems = validate(tmp_path / "out", humaneval=False)
+    assert any(f"train.jsonl:{index + 1}: prompt lacks the label" in p for p in problems)
+
+
+def test_tokenized_cache_key_changes_with_the_incorrect_policy(tmp_path, llama2_tokenizer_path):
+    from data.tokenized import cache_key
+    from model.tokenizer import Tokenizer
+
+    write_jsonl(fixture_problems(), tmp_path / "raw" / "train.jsonl")
+    keys = set()
+    for policy in ("tag", "keep"):
+        prepare("codecontests", tmp_path / "raw", tmp_path / policy, llama2_tokenizer_path,
+                ProcessConfig(incorrect=policy), humaneval_for_decontamination=False)  # fmt: skip
+        keys.add(
+            cache_key(
+                tmp_path / policy / "processed" / "train.jsonl", Tokenizer(llama2_tokenizer_path)
+            )
+        )
+    assert len(keys) == 2

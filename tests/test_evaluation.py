@@ -329,3 +329,14 @@ def test_eval_harness_rejects_bad_arguments(tmp_path, capsys):
         in capsys.readouterr().err
     )
     assert eval_main(["--ckpt", str(tmp_path), "--k", "5", "--n-samples", "1"]) == 2
+
+
+def test_training_template_prompts_ask_for_a_correct_solution(mbpp_path):
+    from evaluation.tasks import humaneval_problems, mbpp_problems
+
+    conditioned = mbpp_problems(mbpp_path, ids=[11], style="alpaca")[0].prompt
+    plain = mbpp_problems(mbpp_path, ids=[11], style="alpaca", condition=False)[0].prompt
+    assert conditioned.endswith("Label: correct solution.\n\n### Response:\n")
+    assert "Label:" not in plain
+    assert "Label: correct solution." in humaneval_problems(style="alpaca")[0].prompt
+    assert "Label:" not in mbpp_problems(mbpp_path, ids=[11])[0].prompt  # standard 3-shot: none

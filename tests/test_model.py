@@ -113,6 +113,32 @@ def test_model_trains_gradients_reach_trunk_and_every_head():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_a_sample_inside_a_packed_row_has_its_logits_alone():
+    model = _random_model(n_layers=5, n_future_tokens=4)
+    gen = torch.Generator().manual_seed(3)
+    samples = [torch.randint(0, 128, (1, n), generator=gen) for n in (7, 12, 5)]
+    row = torch.cat([*samples, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 12 + [2] * 5 + [-1] * 6])
+    with torch.no_grad():
+        packed = model(row, segment_ids=segments)
+        leaky = model(row)
+        alone = [model(s) for s in samples]
+    start = 0
+    for sample, logits in zip(samples, alone, strict=True):
+        end = start + sample.shape[1]
+        torch.testing.assert_close(packed[:, start:end], logits, rtol=0, atol=1e-4)  # all heads
+        start = end
+    assert (leaky[:, 7:19] - alone[1]).abs().max() > 1e-2  # without segment ids it leaks
+    assert torch.isfinite(packed).all()  # padding attends only to padding: no empty rows
+
+
+def test_segment_positions_restart_at_each_sample():
+    from model.transformer import segment_positions
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 0, 0, 0, 0, 0]])
+    assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+
+
 @pytest.mark.parametrize("prefill", [1, 9])
 def test_kv_cache_incremental_decoding_equals_full_forward(prefill):
     model = _random_model(n_layers=4, n_future_tokens=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from data.loader import IGNORE_INDEX
+from data.loader import IGNORE_INDEX, Batch
 from model import ModelArgs, Transformer
 from runtime.schema import ConfigError
 from runtime.tracking import scrub
@@ -19,7 +19,7 @@ from tests.micro_assets import build_micro_assets, env_config, history, write_re
 from train_wmtp import main as train_main
 from training.loss import mtp_loss_backward, naive_mtp_loss
 from training.recipe import load_recipe
-from training.signals import policy_head_ce
+from training.signals import Signals, policy_head_ce
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,85 @@ def test_sequential_head_loss_equals_naive_loss_and_gradients(needs_ce):
     for name, param in model.named_parameters():
         torch.testing.assert_close(sequential[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert sequential["extra_heads.2.attention.wq.weight"].abs().sum() == 0  # λ_3 = 0
+
+
+def flat_grads(model):
+    return torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()
+                      for p in model.parameters()])  # fmt: skip
+
+
+def test_every_token_head_weight_moves_the_gradient_by_its_own_ce_gradient():
+    torch.manual_seed(1)
+    args = ModelArgs(
+        dim=32,
+        n_layers=5,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=61,
+        multiple_of=16,
+        n_future_tokens=4,
+    )
+    model = Transformer(args)
+    model.init_weights(std=0.1, seed=1)
+    tokens, labels = torch.randint(0, 61, (2, 12)), torch.randint(0, 61, (2, 12, 4))
+    labels[0, :3] = IGNORE_INDEX  # a prompt: no targets there
+    lam, weights = [1.0, 0.5, 0.25, 0.0], torch.rand(2, 12, 4) + 0.5
+    n_targets = [float((labels[..., k] != IGNORE_INDEX).sum()) for k in range(4)]
+
+    def grads(w):
+        model.zero_grad()
+        mtp_loss_backward(
+            model, model(tokens, return_trunk=True), labels, w, lam, n_targets, chunk=5
+        )
+        return flat_grads(model)
+
+    def ce_grad(b, t, k):  # gradient of λ_k·CE_{b,t,k}/N_k alone
+        model.zero_grad()
+        one = torch.zeros(2, 12, 4)
+        one[b, t, k] = 1.0
+        naive_mtp_loss(model, tokens, labels, lam, one, n_targets).backward()
+        return flat_grads(model)
+
+    base = grads(weights)
+    for b, t, k in [(0, 3, 0), (1, 0, 1), (1, 11, 2), (0, 7, 0), (1, 5, 2)]:
+        bumped = weights.clone()
+        bumped[b, t, k] += 1.0
+        change = grads(bumped) - base
+        assert change.abs().max() > 0, (b, t, k)
+        torch.testing.assert_close(change, ce_grad(b, t, k), rtol=1e-3, atol=1e-6)
+    for b, t, k in [(0, 1, 0), (0, 4, 3)]:  # a prompt position; a head with λ = 0
+        bumped = weights.clone()
+        bumped[b, t, k] += 1.0
+        assert torch.equal(grads(bumped), base), (b, t, k)
+
+
+def test_token_scores_are_shared_by_every_head_predicting_the_token():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
+                     n_future_tokens=4)  # fmt: skip
+    model = Transformer(args)
+    model.init_weights(std=0.1, seed=0)
+    tokens = torch.randint(0, 61, (1, 16))
+    labels = torch.full((1, 16, 4), IGNORE_INDEX)
+    for k in range(4):  # response = tokens 4..15
+        for t in range(16):
+            if 4 <= t + k + 1 < 16:
+                labels[0, t, k] = tokens[0, t + k + 1]
+    batch = Batch(
+        tokens,
+        labels,
+        torch.zeros(1, 16, dtype=torch.long),
+        torch.ones(1, 16, dtype=torch.bool),
+        [["x"]],
+    )
+    trunk = model(tokens, return_trunk=True)
+    per_token = Signals(model, 4, 8, torch.float32, False, score="token").policy_ce(batch, trunk)
+    per_head = Signals(model, 4, 8, torch.float32, False, score="head").policy_ce(batch, trunk)
+    for j in range(5, 16):  # token j is predicted by head k at position j-k-1
+        shared = {round(float(per_token[0, j - k - 1, k]), 6) for k in range(4) if j - k - 1 >= 3}
+        assert len(shared) == 1, (j, shared)
+        assert per_token[0, j - 1, 0] == per_head[0, j - 1, 0]  # head 0: both the same CE
+    assert not torch.allclose(per_token[0, 3:8, 3], per_head[0, 3:8, 3])  # head 3's own CE differs
 
 
 # ---------------------------------------------------------- recipe checks
@@ -310,37 +389,32 @@ def test_scrub_drops_secret_keys_and_values(monkeypatch):
 
 # ------------------------------------------------------------- distributed
 @pytest.mark.dist
-def test_fsdp_two_ranks_match_single_process(micro, tmp_path):
+@pytest.mark.parametrize(
+    "algo, weighting, port",
+    [("baseline", {}, 29581), ("rho1-wmtp", {"rho1": {"mode": "select"}}, 29582)],
+    ids=["baseline", "rho1-select"],
+)
+def test_fsdp_two_ranks_match_single_process(micro, tmp_path, algo, weighting, port):
     root, assets, config = micro
     common = {"train": {"max_steps": 4, "fsdp": "on"}, "checkpoint": {"every_steps": 2}}
     dist_recipe = write_recipe(
-        tmp_path / "dist.yaml", assets, "baseline", tmp_path / "dist", **common
+        tmp_path / "dist.yaml", assets, algo, tmp_path / "dist", weighting=weighting, **common
     )
-    env = {**os.environ, "WMTP_DIST_TIMEOUT_S": "120", "OMP_NUM_THREADS": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29581",
-    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={port}"]  # fmt: skip
     proc = subprocess.run(
-        [*torchrun, str(REPO_ROOT / "train_wmtp.py"), str(dist_recipe), "--config", str(config)],
+        [*torchrun, str(REPO_ROOT / "train_wmtp.py"), str(dist_recipe), "--config", str(config),
+         "run.dist_timeout_s=120"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    code, single = run_train(
-        micro,
-        "baseline",
-        tmp_path,
-        name="single",
-        train={"max_steps": 4, "fsdp": "off"},
-        data={"micro_batch_size": 4},
-    )
+    code, single = run_train(micro, algo, tmp_path, name="single", weighting=weighting,
+                             train={"max_steps": 4, "fsdp": "off"}, data={"micro_batch_size": 4})  # fmt: skip
     assert code == 0
     assert step_losses(tmp_path / "dist") == pytest.approx(step_losses(single), rel=1e-5)
     assert (tmp_path / "dist" / "checkpoints" / "step_0000004" / "dcp").is_dir()
@@ -374,3 +448,83 @@ def test_precomputed_reference_ce_gives_the_online_losses(micro, tmp_path):
     assert precompute_main([str(recipe), "--config", str(config)]) == 0
     assert train_main([str(recipe), "--config", str(config)]) == 0
     assert step_losses(tmp_path / "pre") == pytest.approx(step_losses(online), rel=1e-5)
+
+
+# ----------------------------------------------------- trustworthy experiments
+def test_rho1_select_agrees_on_one_threshold_over_the_whole_step(micro, tmp_path):
+    select = {"rho1": {"mode": "select", "select_ratio": 0.6}}
+    code, whole = run_train(micro, "rho1-wmtp", tmp_path, name="whole", weighting=select,
+                            train={"max_steps": 4}, data={"micro_batch_size": 2})  # fmt: skip
+    assert code == 0
+    code, split = run_train(micro, "rho1-wmtp", tmp_path, name="split", weighting=select,
+                            train={"max_steps": 4, "grad_accum": 2}, data={"micro_batch_size": 1})  # fmt: skip
+    assert code == 0
+    assert step_losses(split) == pytest.approx(step_losses(whole), rel=1e-5)
+    steps = [h for h in history(whole) if h.get("stage") == "step"]
+    assert all(0.6 <= h["weight_selected_fraction"] < 0.65 for h in steps)
+    assert all(h["weight_min"] == 0.0 and h["weight_max"] == 1.0 for h in steps)
+
+
+def test_rho1_token_and_head_scores_give_different_runs(micro, tmp_path):
+    runs = {}
+    for score in ("token", "head"):
+        code, out = run_train(micro, "rho1-wmtp", tmp_path, name=score, train={"max_steps": 3},
+                              weighting={"rho1": {"score": score}})  # fmt: skip
+        assert code == 0
+        runs[score] = step_losses(out)
+    assert runs["token"][0] != runs["head"][0]
+
+
+def test_packed_online_reference_equals_precomputed(micro, tmp_path):
+    from training.precompute_reference import main as precompute_main
+
+    root, assets, config = micro
+    sections = {"train": {"max_steps": 3}, "data": {"pack": True}}
+    code, online = run_train(micro, "rho1-wmtp", tmp_path, name="online", **sections)
+    assert code == 0
+    pre = {"reference_source": "precomputed", "reference_ce_dir": str(tmp_path / "refce")}
+    recipe = write_recipe(tmp_path / "pre.yaml", assets, "rho1-wmtp", tmp_path / "pre",
+                          weighting=pre, **sections)  # fmt: skip
+    assert precompute_main([str(recipe), "--config", str(config)]) == 0
+    assert train_main([str(recipe), "--config", str(config)]) == 0
+    assert step_losses(tmp_path / "pre") == pytest.approx(step_losses(online), rel=1e-5)
+
+
+def test_weight_diagnostics_are_logged_every_step(micro, tmp_path):
+    code, out = run_train(micro, "rho1-wmtp", tmp_path, train={"max_steps": 2})
+    assert code == 0
+    for h in (h for h in history(out) if h.get("stage") == "step"):
+        assert h["score_std"] > 0 and h["score_mean"] > 0 and h["score_nonfinite"] == 0
+        for key in (
+            "weight_above_one_fraction",
+            "weight_at_min_fraction",
+            "weight_at_max_fraction",
+        ):
+            assert 0 <= h[key] < 1, key
+        assert h["weight_above_one_fraction"] > 0
+
+
+def test_a_critic_without_reward_variance_is_reported(micro, tmp_path, capsys):
+    # MBPP has only correct solutions: the value head can only learn a constant
+    code, out = run_train(micro, "critic-wmtp", tmp_path, train={"max_steps": 2},
+                          weighting={"critic": {"stage1_steps": 3}})  # fmt: skip
+    assert code == 0
+    assert "[warning] critic rewards have no variance" in capsys.readouterr().out
+    assert "critic rewards have no variance: every training sample is correct" in _report(out)
+    evals = [h for h in history(out) if h.get("stage") == "critic_eval"]
+    assert len(evals) == 1 and "stage1_explained_variance" in evals[0]
+
+
+def test_a_weighting_error_ends_like_the_nan_guard(micro, tmp_path, monkeypatch, capsys):
+    from weighting.inputs import WeightingError
+    from weighting.rho1 import Rho1Weighter
+
+    def broken(self, scores, valid):
+        raise WeightingError("token weights have mean nan after normalisation")
+
+    monkeypatch.setattr(Rho1Weighter, "weights_from_scores", broken)
+    code, out = run_train(micro, "rho1-wmtp", tmp_path, train={"max_steps": 3})
+    assert code == 3
+    report = _report(out)
+    assert "token weights could not be computed at step 1" in report and "## Next action" in report
+    assert "Traceback" not in capsys.readouterr().err

@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from weighting import (
     CriticConfig,
     NormalizeConfig,
+    Rho1Config,
     ValueHead,
+    WeightingConfig,
+    WeightingError,
     WeightingInputs,
     align_to_heads,
     gae,
@@ -23,6 +26,7 @@ from weighting import (
     value_loss,
     weight_stats,
 )
+from weighting.rho1 import selected_weights, top_fraction_threshold
 
 SPECIAL = [math.inf, -math.inf, math.nan, 0.0, 1e30, -1e30, 1e-30]
 
@@ -232,3 +236,58 @@ def test_huge_scores_keep_their_order_and_sharp_temperatures_do_not_underflow():
     assert w[0] > w[1] > w[2] > 0
     sharp = NormalizeConfig(temperature=0.03125, min_weight=0.5, max_weight=1.0)
     assert normalize_scores(torch.tensor([0.0, 1.0]), valid[:2], sharp).tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- rho1 modes
+def test_rho1_soft_scores_the_magnitude_and_select_the_signed_excess():
+    base, ref = torch.tensor([[[3.0], [1.0]]]), torch.tensor([[[1.0], [3.0]]])
+    inputs = WeightingInputs(torch.ones(1, 2, 1, dtype=torch.bool), base_ce=base, ref_ce=ref)
+    soft = get_weighter("rho1-wmtp", WeightingConfig())
+    select = get_weighter("rho1-wmtp", WeightingConfig(rho1=Rho1Config(mode="select")))
+    assert soft.scores(inputs).flatten().tolist() == [2.0, 2.0]
+    assert select.scores(inputs).flatten().tolist() == [2.0, -2.0]  # learnable token first
+    assert select.selects_per_step and not soft.selects_per_step
+    with pytest.raises(WeightingError, match="needs the step's thresholds"):
+        select.weights(inputs)
+
+
+def test_top_fraction_threshold_and_selected_weights():
+    values = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert top_fraction_threshold(values, 0.6) == 3.0  # ceil(0.6·5) = 3 kept: 5, 4, 3
+    assert top_fraction_threshold(values, 1.0) == 1.0
+    assert top_fraction_threshold(torch.zeros(0), 0.5) == math.inf
+    scores = torch.tensor([[[5.0, 0.0], [1.0, 9.0], [math.nan, 9.0], [3.0, 1.0]]])
+    valid = torch.tensor([[[True, True], [True, True], [True, True], [True, False]]])
+    w = selected_weights(scores, valid, [3.0, 9.0])
+    assert w[..., 0].flatten().tolist() == [1.0, 0.0, 0.0, 1.0]  # NaN never selected
+    assert w[..., 1].flatten().tolist() == [0.0, 1.0, 1.0, 0.0]  # invalid never selected
+
+
+def test_rho1_config_rejects_bad_values_naming_the_key():
+    with pytest.raises(
+        ValueError, match=r"weighting.rho1.select_ratio=0 is invalid: must be in \(0, 1\]"
+    ):
+        Rho1Config(select_ratio=0)
+    with pytest.raises(ValueError, match="weighting.rho1.mode='hard' is invalid"):
+        Rho1Config(mode="hard")
+    with pytest.raises(
+        ValueError, match=r"weighting.temperature=0.0005 is invalid: must be >= 0.001"
+    ):
+        NormalizeConfig(temperature=5e-4)
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 1e-16])
+def test_normalize_raises_instead_of_returning_nan_weights(temperature):
+    cfg = NormalizeConfig()
+    object.__setattr__(cfg, "temperature", temperature)  # past the recipe check, as a library user
+    with pytest.raises(WeightingError, match="token weights have mean"):
+        normalize_scores(torch.randn(64), torch.ones(64, dtype=torch.bool), cfg)
+
+
+def test_weight_stats_report_the_share_above_one_and_at_each_bound():
+    w = torch.tensor([0.05, 0.05, 1.0, 2.0, 3.0])
+    stats = weight_stats(w, torch.ones(5, dtype=torch.bool), min_weight=0.05, max_weight=3.0)
+    assert stats["above_one_fraction"] == pytest.approx(0.4)
+    assert stats["at_min_fraction"] == pytest.approx(0.4)
+    assert stats["at_max_fraction"] == pytest.approx(0.2)
+    assert stats["clipped_fraction"] == pytest.approx(0.6)

@@ -54,6 +54,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     stage1_step: int = 0  # critic stage-1 steps done
+    stage1_explained_variance: float | None = None  # of the value head, on held-out batches
     run_id: str | None = None
     best_val: float | None = None
     micro_batch_size: int | None = None

@@ -26,11 +26,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_pref: str = "auto", timeout_s: float | None = None) -> DistInfo:
+def init_distributed(device_pref: str = "auto", timeout_s: float = 300.0) -> DistInfo:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; single process when they are absent.
 
-    The process-group timeout (WMTP_DIST_TIMEOUT_S, default 600 s) bounds how long healthy
-    ranks wait for a failed one.
+    The process-group timeout (`run.dist_timeout_s`) bounds how long healthy ranks wait in a
+    collective for a failed one.
     """
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -40,7 +40,7 @@ def init_distributed(device_pref: str = "auto", timeout_s: float | None = None) 
         torch.cuda.set_device(device)
     if world_size == 1:
         return DistInfo(device=device)
-    timeout = dt.timedelta(seconds=timeout_s or float(os.environ.get("WMTP_DIST_TIMEOUT_S", "600")))
+    timeout = dt.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -79,3 +79,12 @@ def shutdown(info: DistInfo) -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def all_gather_values(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The 1-D tensors of every rank, concatenated (lengths may differ)."""
+    if not info.enabled:
+        return values
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, values.detach().cpu())
+    return torch.cat(gathered).to(values.device)

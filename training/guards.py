@@ -66,6 +66,16 @@ def on_nonfinite_step(
         )
 
 
+def weighting_failure(exc: Exception, step: int, train: TrainSection) -> TrainingFailure:
+    """A token-weighting error ends the run like the NaN guard does: exit 3 with a report."""
+    return TrainingFailure(
+        f"token weights could not be computed at step {step + 1}: {exc}",
+        "check the weighting.* settings named above (a temperature too sharp, a degenerate "
+        "reference or critic) and the data batch around this step, then resume",
+        EXIT_NAN,
+    )
+
+
 def no_checkpoint_to_restore() -> TrainingFailure:
     return TrainingFailure(
         "parameters became non-finite and no checkpoint exists to restore",

@@ -75,6 +75,7 @@ def mtp_loss_backward(
     chunk: int,
     loss_scale: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
+    segment_ids: torch.Tensor | None = None,
 ) -> MTPLossResult:
     """Runs every head's forward and the whole backward for one micro-batch.
 
@@ -88,6 +89,7 @@ def mtp_loss_backward(
         n_targets: N_k, target tokens of head k over the whole optimizer step.
         loss_scale: multiplies the loss (e.g. world size, when the gradient reduction averages).
         compute_dtype: autocast dtype of the heads and the output projection.
+        segment_ids: the trunk's segment ids (packed rows), so the head blocks isolate them too.
     """
     result = MTPLossResult()
     weights = weights.detach()
@@ -95,7 +97,7 @@ def mtp_loss_backward(
     for k, lam in enumerate(head_weights):
         labels_k = labels[..., k]
         with autocast(trunk.device, compute_dtype):
-            z = model.head_hidden(h_d, k)
+            z = model.head_hidden(h_d, k, segment_ids=segment_ids)
         z_d = z.detach().requires_grad_(True)
         ce_sum, count = 0.0, int((labels_k != IGNORE_INDEX).sum())
         for s, e in chunk_bounds(trunk.shape[1], chunk):
@@ -124,9 +126,10 @@ def naive_mtp_loss(
     head_weights: list[float],
     weights: torch.Tensor,
     n_targets: list[float],
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: all heads' full logits at once, one graph. weights: (bsz, seq, n_heads)."""
-    logits = model(tokens)
+    logits = model(tokens, segment_ids=segment_ids)
     total = logits.new_zeros(())
     for k, lam in enumerate(head_weights):
         ce = token_ce(logits[:, :, k], labels[..., k])

@@ -21,7 +21,9 @@ from data.tokenized import cache_key, load_tokenized
 from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
 from runtime.config import load_env_config
+from runtime.precision import resolve_precision
 from runtime.schema import ConfigError
+from training.loss import autocast
 from training.recipe import Recipe, load_recipe
 from training.reference import ReferenceCEWriter, reference_next_token_ce
 
@@ -34,12 +36,9 @@ def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) 
     tok = Tokenizer(recipe.model.tokenizer)
     data = load_tokenized(recipe.data.train, tok, cache_dir)
     args, state = load_checkpoint_dir(recipe.model.reference)
-    dtype = (
-        torch.bfloat16
-        if recipe.model.dtype == "bfloat16" and device.type == "cuda"
-        else torch.float32
-    )
-    model = build_model(args, state, device=device, dtype=dtype).eval()
+    precision = resolve_precision(recipe.model.dtype, device)
+    log(f"[precompute] compute dtype {precision.name}: {precision.reason}")
+    model = build_model(args, state, device=device, dtype=precision.dtype).eval()
     key = cache_key(Path(recipe.data.train), tok)
     writer = ReferenceCEWriter(
         recipe.weighting.reference_ce_dir, key, reference_id=str(recipe.model.reference)
@@ -47,10 +46,9 @@ def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) 
     start = time.perf_counter()
     for i in range(len(data)):
         tokens = torch.as_tensor(data.sample(i), dtype=torch.long, device=device)[None]
-        writer.add(
-            data.sample_ids[i],
-            reference_next_token_ce(model, tokens, recipe.train.ce_chunk_size)[0, :-1],
-        )
+        with autocast(device, precision.dtype):
+            ce = reference_next_token_ce(model, tokens, recipe.train.ce_chunk_size)
+        writer.add(data.sample_ids[i], ce[0, :-1])
         if (i + 1) % 500 == 0:
             log(f"  {i + 1}/{len(data)} samples, {(i + 1) / (time.perf_counter() - start):.1f}/s")
     directory = writer.close()

@@ -7,6 +7,7 @@ section is `weighting.config.WeightingConfig` itself: the weighting code reads t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,15 @@ class RunSection:
     output_dir: str = "outputs/run"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist_timeout_s: float = 300.0  # how long healthy ranks wait in a collective for a failed one
+
+    def validate(self, where: str) -> None:
+        require(
+            math.isfinite(self.dist_timeout_s) and self.dist_timeout_s >= 10,
+            key(where, "dist_timeout_s"),
+            self.dist_timeout_s,
+            "must be >= 10 seconds",
+        )
 
 
 @dataclass
@@ -30,7 +40,9 @@ class ModelSection:
     )
     tokenizer: str = ""
     reference: str | None = None  # next-token reference model dir, for rho1-wmtp
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = (
+        "auto"  # auto: bf16 where native (runtime.precision)
+    )
     require_mtp: bool = True  # false only to pre-train a next-token model (e.g. micro-ref)
 
     def validate(self, where: str) -> None:

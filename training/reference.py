@@ -102,13 +102,16 @@ def reference_next_token_ce(
     reference: Transformer,
     tokens: torch.Tensor,
     chunk_size: int = 512,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CE of the reference's next-token head: out[b, t] = −log p(tokens[b, t+1] | tokens[b, :t+1]).
 
-    The last position has no target and is NaN. Logits are built `chunk_size` positions at a
-    time so a 32000-word vocabulary never needs (bsz, seq, vocab) floats at once.
+    With `segment_ids` the context is the token's own sample only (packed rows). The last
+    position has no target and is NaN. Logits are built `chunk_size` positions at a time so a
+    32000-word vocabulary never needs (bsz, seq, vocab) floats at once.
     """
-    hidden = reference.head_hidden(reference(tokens, return_trunk=True), 0)
+    trunk = reference(tokens, return_trunk=True, segment_ids=segment_ids)
+    hidden = reference.head_hidden(trunk, 0, segment_ids=segment_ids)
     bsz, seq = tokens.shape
     ce = torch.full((bsz, seq), float("nan"), device=tokens.device)
     for start in range(0, seq - 1, chunk_size):

@@ -41,11 +41,14 @@ def write_run_report(
     sample_tokens: str = "",
     histogram: str | None = None,
     failure: tuple[str, str] | None = None,
+    warnings: list[str] | None = None,
 ) -> Path:
     """Writes the markdown report atomically; `failure` = (what went wrong, next action)."""
     lines = [f"# {title}", "", f"Run `{run_id}`", ""]
     if failure:
         lines += ["## What went wrong", "", failure[0], "", "## Next action", "", failure[1], ""]
+    if warnings:
+        lines += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
     for k, v in summary.items():
         lines.append(f"| {k} | {v:.5g} |" if isinstance(v, float) else f"| {k} | {v} |")
@@ -148,12 +151,18 @@ def run_summary(state: TrainState, n_heads: int, export: Path | None) -> dict:
         "weight_mean",
         "weight_std",
         "weight_clipped_fraction",
+        "weight_above_one_fraction",
+        "weight_selected_fraction",
+        "score_mean",
+        "score_std",
         *[f"ce_head{i}" for i in range(n_heads)],
     )
     summary.update({k: float(last[k]) for k in keys if k in last})
     losses = [h["loss"] for h in state.history if "loss" in h]
     if losses:
         summary["first_loss"] = float(losses[0])
+    if state.stage1_explained_variance is not None:
+        summary["stage1_explained_variance"] = state.stage1_explained_variance
     if export:
         summary["export"] = str(export)
     return summary
@@ -169,6 +178,7 @@ def write_reports(
     tracker: Tracker,
     export: Path | None,
     failure: tuple[str, str] | None,
+    warnings: list[str] | None = None,
 ) -> Path:
     """reports/{run_id}.md, _history.json, _weights.svg, _token_weights.json, _recipe.yaml;
     each logged to MLflow. `failure` = (what went wrong, next action). Main rank only."""
@@ -199,6 +209,7 @@ def write_reports(
         sample,
         hist_name,
         failure,
+        warnings,
     )
     for path in (
         report,

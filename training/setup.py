@@ -20,8 +20,6 @@ from training.distributed import DistInfo
 from training.parallel import parallelize
 from training.recipe import DataSection, ModelSection, TrainSection
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 def load_base(model: ModelSection, tokenizer: Tokenizer) -> tuple[ModelArgs, dict]:
     """The base model's args and weights, checked against the recipe and the tokenizer."""

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from runtime.schema import ConfigError, did_you_mean, require
 
 ALGORITHMS = ("baseline", "rho1-wmtp", "critic-wmtp")
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,12 @@ class NormalizeConfig:
 
     def __post_init__(self) -> None:
         w = "weighting"
-        require(self.temperature > 0, f"{w}.temperature", self.temperature, "must be > 0")
+        require(
+            math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
+            f"{w}.temperature",
+            self.temperature,
+            f"must be >= {MIN_TEMPERATURE:g} (sharper weights underflow; use rho1.mode: select)",
+        )
         require(
             0 < self.min_weight <= 1,
             f"{w}.min_weight",
@@ -70,12 +77,41 @@ class CriticConfig:
 
 
 @dataclass(frozen=True)
+class Rho1Config:
+    """rho1-wmtp: what is scored and how scores become weights.
+
+    score: `token` scores target token x_j by CE_policy(x_j) − CE_ref(x_j) with the policy's
+        next-token head (the same context as the reference), shared by every head predicting
+        x_j; `head` uses head k's own CE (mixes in how hard it is to look k tokens ahead).
+    mode: `soft` weights every token by normalised |excess| (z-score → softmax(T) → mean 1 →
+        clip); `select` is Rho-1's selection: the top `select_ratio` of target tokens of each
+        head over the whole optimizer step by signed excess get weight 1, the rest 0, and each
+        head's loss is averaged over its selected tokens.
+    """
+
+    score: Literal["token", "head"] = "token"
+    mode: Literal["soft", "select"] = "soft"
+    select_ratio: float = 0.6
+
+    def __post_init__(self) -> None:
+        w = "weighting.rho1"
+        require(
+            self.score in ("token", "head"), f"{w}.score", self.score, "allowed 'token', 'head'"
+        )
+        require(self.mode in ("soft", "select"), f"{w}.mode", self.mode, "allowed 'soft', 'select'")
+        require(
+            0 < self.select_ratio <= 1, f"{w}.select_ratio", self.select_ratio, "must be in (0, 1]"
+        )
+
+
+@dataclass(frozen=True)
 class WeightingConfig(NormalizeConfig):
-    """The whole `weighting:` section: algorithm, normalisation, reference CE source, critic."""
+    """The whole `weighting:` section: algorithm, normalisation, reference CE source, rho1, critic."""
 
     algo: str = "rho1-wmtp"
     reference_source: Literal["online", "precomputed"] = "online"
     reference_ce_dir: str | None = None
+    rho1: Rho1Config = field(default_factory=Rho1Config)
     critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self) -> None:

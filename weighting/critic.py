@@ -97,11 +97,20 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor, valid: torch.Tensor)
 class CriticWeighter:
     name: ClassVar[str] = "critic-wmtp"
     needs: ClassVar[tuple[str, ...]] = ("td_error",)
+    selects_per_step: ClassVar[bool] = False
 
     def __init__(self, config: WeightingConfig):
         self.config = config
 
     @torch.no_grad()
-    def weights(self, inputs: WeightingInputs) -> torch.Tensor:
+    def scores(self, inputs: WeightingInputs) -> torch.Tensor:
+        """The TD errors themselves: a token that raised the expected reward scores high."""
         inputs.require(self.name, *self.needs)
-        return normalize_per_head(inputs.td_error, inputs.valid, self.config)
+        return inputs.td_error.float()
+
+    @torch.no_grad()
+    def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return normalize_per_head(scores, valid, self.config)
+
+    def weights(self, inputs: WeightingInputs) -> torch.Tensor:
+        return self.weights_from_scores(self.scores(inputs), inputs.valid)

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 
 
+class WeightingError(ValueError):
+    """Token weights could not be computed (missing inputs, a degenerate normalisation)."""
+
+
 @dataclass
 class WeightingInputs:
     """Per-head tensors are (bsz, seq, n_heads); position t of head k targets token t+k+1.
@@ -28,9 +32,11 @@ class WeightingInputs:
         for name in fields:
             value = getattr(self, name)
             if value is None:
-                raise ValueError(f"{algorithm} needs `{name}` in its weighting inputs; none given")
+                raise WeightingError(
+                    f"{algorithm} needs `{name}` in its weighting inputs; none given"
+                )
             if value.shape != self.valid.shape:
-                raise ValueError(
+                raise WeightingError(
                     f"{algorithm}: `{name}` has shape {tuple(value.shape)}, "
                     f"valid mask has {tuple(self.valid.shape)}"
                 )

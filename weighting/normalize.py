@@ -15,6 +15,7 @@ import math
 import torch
 
 from weighting.config import NormalizeConfig
+from weighting.inputs import WeightingError
 
 _BISECTION_STEPS = 100
 
@@ -97,8 +98,12 @@ def normalize_scores(
     log_w = log_softmax_mean_one(z, valid, config.temperature)
     w = clip_to_mean_one(log_w, valid, config.min_weight, config.max_weight)
     mean = w[valid].mean().item()
-    if abs(mean - 1.0) > config.mean_tolerance:  # unreachable when lo <= 1 <= hi; a guard
-        raise RuntimeError(f"token weights have mean {mean:.6f} after clipping, expected 1.0")
+    if not math.isfinite(mean) or abs(mean - 1.0) > config.mean_tolerance:
+        raise WeightingError(
+            f"token weights have mean {mean:.6f} after normalisation (temperature "
+            f"{config.temperature:g}, clip [{config.min_weight:g}, {config.max_weight:g}]), "
+            "expected 1.0"
+        )
     return w
 
 
