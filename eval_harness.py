@@ -28,6 +28,7 @@ from evaluation.tasks import (
 )
 from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
+from runtime.cli import ArgumentParser, entry_point, positive_ints
 from runtime.config import load_env_config
 from runtime.precision import DTYPE_NAMES, resolve_precision
 from runtime.schema import ConfigError
@@ -37,14 +38,14 @@ TASKS = ("mbpp", "humaneval", "codecontests", "tasks")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--ckpt", type=Path, required=True, help="model dir (safetensors export or Meta dir)"
     )
     p.add_argument("--tokenizer", help="tokenizer.model (default: found beside the checkpoint)")
     p.add_argument("--tasks", default="mbpp,humaneval", help=f"comma-separated: {', '.join(TASKS)}")
     p.add_argument("--n-samples", type=int, default=1)
-    p.add_argument("--k", default="1", help="comma-separated k for pass@k")
+    p.add_argument("--k", type=positive_ints, default=[1], help="comma-separated k for pass@k")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -143,33 +144,30 @@ def problems_for(task: str, a: argparse.Namespace, storage_root: str):
     return problems[: a.limit] if a.limit else problems
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-        bad = [t for t in tasks if t not in TASKS]
-        if bad:
-            raise ConfigError(f"--tasks {bad[0]!r} is unknown; allowed: {', '.join(TASKS)}")
-        if a.speculative and a.temperature > 0:
-            raise ConfigError("--speculative decodes greedily: pass --temperature 0")
-        ks = [int(k) for k in a.k.split(",")]
-        if max(ks) > a.n_samples:
-            raise ConfigError(f"--k {max(ks)} needs --n-samples >= {max(ks)} (got {a.n_samples})")
-        env = load_env_config(a.config)
-        device = torch.device(
-            "cuda"
-            if (a.device == "auto" and torch.cuda.is_available()) or a.device == "cuda"
-            else "cpu"
-        )
-        model = tokenizer = None
-        if not a.reference:
-            tokenizer = Tokenizer(a.tokenizer or find_tokenizer(a.ckpt))
-            precision = resolve_precision(a.dtype, device)
-            print(f"[eval] compute dtype {precision.name}: {precision.reason}", flush=True)
-            model = load_model(a.ckpt, device, precision.dtype)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ConfigError(f"--tasks {bad[0]!r} is unknown; allowed: {', '.join(TASKS)}")
+    if a.speculative and a.temperature > 0:
+        raise ConfigError("--speculative decodes greedily: pass --temperature 0")
+    ks = a.k
+    if max(ks) > a.n_samples:
+        raise ConfigError(f"--k {max(ks)} needs --n-samples >= {max(ks)} (got {a.n_samples})")
+    env = load_env_config(a.config)
+    device = torch.device(
+        "cuda"
+        if (a.device == "auto" and torch.cuda.is_available()) or a.device == "cuda"
+        else "cpu"
+    )
+    model = tokenizer = None
+    if not a.reference:
+        tokenizer = Tokenizer(a.tokenizer or find_tokenizer(a.ckpt))
+        precision = resolve_precision(a.dtype, device)
+        print(f"[eval] compute dtype {precision.name}: {precision.reason}", flush=True)
+        model = load_model(a.ckpt, device, precision.dtype)
     sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens)
     sandbox = Sandbox(Limits(timeout_s=a.timeout, cpu_s=int(a.timeout) + 1, memory_mb=a.memory_mb))
     out_dir = a.output_dir or a.ckpt / "eval"

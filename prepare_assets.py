@@ -16,13 +16,13 @@ from pathlib import Path
 from assets.layout import Layout
 from assets.sources import Fetcher, FetchError
 from assets.steps import STEPS, Context
+from runtime.cli import ArgumentParser, entry_point
 from runtime.config import load_env_config
 from runtime.integrity import ChecksumError
-from runtime.schema import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--step", required=True, help="0..11 or all")
     p.add_argument("--root", type=Path, help="storage root (default: storage.root of the config)")
     p.add_argument("--config", help="environment config (default recipes/config.yaml)")
@@ -54,7 +54,10 @@ def checklist(ctx: Context) -> int:
 def run_step(step, ctx: Context, force: bool) -> int:
     start = time.perf_counter()
     print(f"[step {step.number}] {step.title}", flush=True)
-    problems = step.check(ctx)
+    try:
+        problems = step.check(ctx)
+    except (ChecksumError, ValueError, OSError) as exc:
+        problems = [f"check failed: {exc}"]
     if not problems and not force and not step.always_run:
         print(f"[step {step.number}] already done (verified) in {time.perf_counter() - start:.1f}s")
         return 0
@@ -86,14 +89,11 @@ def run_step(step, ctx: Context, force: bool) -> int:
     return 0
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    try:
-        overrides = [f"storage.root={a.root}"] if a.root else []
-        config = load_env_config(a.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = [f"storage.root={a.root}"] if a.root else []
+    config = load_env_config(a.config, overrides)
     layout = Layout(Path(config.storage.root))
     fetcher = Fetcher(
         config, Path(config.storage.cache_dir), [Path(d) for d in config.assets.local_dirs]
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if run_step(step, ctx, a.force):
                 return 1
         return checklist(ctx)
-    if not a.step.isdigit() or not 0 <= int(a.step) <= 11:
+    if not (a.step.isascii() and a.step.isdigit()) or not 0 <= int(a.step) <= 11:
         print(f"error: --step {a.step!r} is invalid: allowed 0..11 or all", file=sys.stderr)
         return 2
     if int(a.step) == 11:

@@ -6,21 +6,22 @@
 A run: set-up (recipe, model, optimizer, loader, weighter, tracker, resume) → critic stage 1
 (critic-wmtp only) → optimizer steps → export and report. One optimizer step:
 
-    for each of `grad_accum` micro-batches:
+    for each micro-batch of the step's data.micro_batch_size × train.grad_accum rows:
         trunk  = model trunk forward                       (graph kept)
         inputs = the signals the weighter needs            (policy CE, reference CE, TD errors)
-        w      = weighter.weights(inputs)                  (bsz, seq, n_heads), mean 1 per head
+        w      = weighter.weights_from_scores(weighter.scores(inputs))   (bsz, seq, n_heads)
         mtp_loss_backward(trunk, labels, w, λ, N)          (one head at a time, then the trunk)
     guards (NaN / OOM) → AdamW step → log → validate → checkpoint
 
-Exit codes: 0 done, 2 bad recipe/config/input, 3 stopped by the NaN guard, 4 out of memory.
+Exit codes: 0 done, 1 a bug (traceback), 2 bad recipe/config/input, 3 stopped by the NaN guard,
+4 out of memory, 5 storage refused a write (disk full, read-only, vanished). Any rank's failure
+stops every rank with its code (training/failures.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,29 +30,33 @@ import torch
 
 from data.tokenized import cache_key
 from model.tokenizer import Tokenizer
+from runtime.cli import ArgumentParser, entry_point
 from runtime.config import EnvConfig, load_env_config
+from runtime.errors import EXIT_OK, StorageError
 from runtime.precision import resolve_precision
-from runtime.schema import ConfigError
 from runtime.tracking import Tracker
-from training.checkpoints import CheckpointManager, TrainState, export_safetensors
+from training.checkpoints import CheckpointManager
 from training.critic_stage1 import build_value_head, run_stage1
 from training.distributed import DistInfo, all_true, init_distributed, shutdown
+from training.export import export_safetensors
+from training.failures import FailureBoard, TrainingFailure, stop_all_ranks
 from training.guards import (
-    EXIT_CONFIG,
-    EXIT_OK,
-    TrainingFailure,
-    inject_faults,
-    no_checkpoint_to_restore,
+    Faults,
+    micro_batches,
+    on_clean_step,
     on_nonfinite_step,
     on_out_of_memory,
     parameters_finite,
+    restore_after_bad_parameters,
+    storage_failure,
     weighting_failure,
 )
 from training.loss import autocast, mtp_loss_backward
 from training.parallel import set_gradient_sync
 from training.recipe import Recipe, load_recipe
 from training.reference import ReferenceCEStore
-from training.report import StepLog, WeightSamples, start_tracking, write_reports
+from training.report import RunReporter, WeightSamples
+from training.run_log import StepLog, start_tracking
 from training.setup import (
     build_loader,
     build_optimizer,
@@ -61,8 +66,10 @@ from training.setup import (
     load_base,
     load_reference_files,
     lr_at,
+    make_output_dir,
 )
 from training.signals import Signals
+from training.state import TrainState
 from training.step import (
     StepTotals,
     clip_gradients,
@@ -76,32 +83,31 @@ from weighting import WeightingError, get_weighter, scalar_stats
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipes/*.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-5")
     parser.add_argument("--config", help="environment config (default recipes/config.yaml)")
     return parser.parse_intermixed_args(argv)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     cli = parse_args(argv)
-    try:
-        recipe = load_recipe(cli.recipe, cli.overrides)
-        env = load_env_config(cli.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    recipe = load_recipe(cli.recipe, cli.overrides)
+    env = load_env_config(cli.config)
     info = init_distributed(recipe.run.device, recipe.run.dist_timeout_s)
+    board = FailureBoard(info)
     try:
-        return train(recipe, env, info)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return train(recipe, env, info, board)
+    except BaseException as exc:  # on one rank only, perhaps: the others must not wait for it
+        stop_all_ranks(board, exc)
+        raise
     finally:
+        board.close()
         shutdown(info)
 
 
-def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
+def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -> int:
     # ------------------------------------------------------------------------------ set-up
     torch.manual_seed(recipe.run.seed)
     r, device, out = recipe, info.device, Path(recipe.run.output_dir)
@@ -120,15 +126,7 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
     data_hash = cache_key(Path(r.data.train), tokenizer)
 
     weighter = get_weighter(r.weighting.algo, r.weighting)
-    signals = Signals(
-        model,
-        n_heads,
-        r.train.ce_chunk_size,
-        dtype,
-        isolate_samples=r.data.pack,
-        score=r.weighting.rho1.score,
-        critic=r.weighting.critic,
-    )
+    signals = Signals.for_recipe(model, n_heads, dtype, r)
     value_optimizer = None
     if "ref_ce" in weighter.needs and r.weighting.reference_source == "online":
         ref_args, ref_weights = load_reference_files(r.model, args)
@@ -152,37 +150,31 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
         cache_dir=env.storage.cache_dir,
     )
     loader = loader_for(r.data.train, seed=r.run.seed)
-    checkpoints = CheckpointManager(out / "checkpoints", info, r.checkpoint.keep_last)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
+    checkpoints = CheckpointManager(
+        out / "checkpoints", info, r.checkpoint.keep_last, r.checkpoint.check_free_space
+    )
 
     state = TrainState()
-    latest = checkpoints.latest() if r.checkpoint.resume == "auto" else None
+    latest = checkpoints.newest_intact() if r.checkpoint.resume == "auto" else None
     if latest is not None:
         state.load_state_dict(checkpoints.load(latest, model, optimizer, extra_modules))
-        if state.micro_batch_size != loader.config.batch_size:  # shrunk by the OOM guard
-            loader = loader_for(r.data.train, batch_size=state.micro_batch_size, seed=r.run.seed)
         loader.load_state_dict(state.loader)
+        checkpoints.point_to(latest, state.best_step)
         if info.is_main:
             print(f"[resume] {latest} (step {state.step})", flush=True)
 
     tracker = Tracker(env.mlflow, active=info.is_main)
-    n_params = sum(p.numel() for p in model.parameters())
-    run_params = {
-        "model.n_future_tokens": n_heads,
-        "model.n_params": n_params,
-        "data.hash": data_hash,
-        "world_size": info.world_size,
-        "model.compute_dtype": precision.name,
-        "model.compute_dtype_reason": precision.reason,
-    }
-    state.run_id = start_tracking(tracker, r, run_params, state.run_id, info)
-    log = StepLog(state.history, tracker, r.train.log_every, info.is_main)
-    samples = WeightSamples()
+    state.run_id = start_tracking(tracker, r, model, data_hash, precision, state.run_id, info)
+    faults = Faults(r.faults, state.guard, info)
+    log = StepLog(state.history, tracker, r.train.log_every, info.is_main, faults.kill_point)
+    samples, warnings = WeightSamples(), []
     flops = flops_per_token(model, args, r.data.seq_len)
     peak_flops = env.hardware.peak_tflops * 1e12 * info.world_size
 
+    report = RunReporter(out, r, state, n_heads, samples, tokenizer, tracker, warnings)
+    board.watch(report)  # another rank's failure: rank 0 reports, every rank exits with its code
     failure: TrainingFailure | None = None
-    warnings: list[str] = []
     try:
         # ------------------------- critic stage 1 (critic-wmtp): fit the value head, measure it
         if value_head is not None:
@@ -202,12 +194,13 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
             )
 
         # ---------------------------------------------------------- optimizer steps
-        accum = r.train.grad_accum * r.data.micro_batch_size // loader.config.batch_size
+        rows_per_step = r.data.micro_batch_size * r.train.grad_accum  # kept through OOM shrinks
+        micro_batch = state.micro_batch_size or r.data.micro_batch_size
         while state.step < r.train.max_steps:
-            start = time.perf_counter()
-            cursor = loader.state_dict()
+            step, start, cursor = state.step + 1, time.perf_counter(), loader.state_dict()
             try:
-                batches = [loader.next_batch().to(device) for _ in range(accum)]
+                sizes = micro_batches(rows_per_step, micro_batch)
+                batches = [loader.next_batch(n).to(device) for n in sizes]
                 n_targets = global_target_counts(batches, n_heads, info)
                 selected = None
                 if weighter.selects_per_step:  # Rho-1 selection: the step's top tokens, all ranks
@@ -240,54 +233,51 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
                         segments,
                     )
                     totals.add(batch, token_weights, scores, result)
-                inject_faults(r.faults, state.guard, state.step, model)
+                faults.before_optimizer_step(step, model)
                 grad_norm = clip_gradients(model, r.train.grad_clip, use_fsdp)
             except torch.OutOfMemoryError as exc:
                 optimizer.zero_grad(set_to_none=True)
                 micro_batch = on_out_of_memory(
-                    exc, state.step, loader.config.batch_size, accum, out, info, r.train
+                    exc, step, micro_batch, rows_per_step, out, info, r.train
                 )
-                loader = loader_for(r.data.train, batch_size=micro_batch, seed=r.run.seed)
                 loader.load_state_dict(cursor)
-                accum *= 2
                 continue
             except WeightingError as exc:
-                raise weighting_failure(exc, state.step, r.train) from None
+                raise weighting_failure(exc, step) from None
 
             loss, head_ce, tokens, diagnostics = totals.reduce(info)
             finite = all_true(is_finite(loss, grad_norm), info)
             if finite:
                 optimizer.step()
+                faults.after_optimizer_step(step, model)
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - start
             stats = totals.weight_stats(r.weighting)
             samples.update(totals.weights, stats["hist_counts"])
             if not finite:  # the NaN guard: skip, halve the LR, restore bad parameters
-                on_nonfinite_step(state.guard, state.step, loss, grad_norm, info, r.train)
+                on_nonfinite_step(state.guard, step, loss, grad_norm, info, r.train)
                 if not all_true(parameters_finite(model), info):
-                    if checkpoints.latest() is None:
-                        raise no_checkpoint_to_restore()
-                    checkpoints.load(
-                        checkpoints.latest(), model, optimizer, extra_modules, restore_rng=False
+                    restore_after_bad_parameters(
+                        checkpoints, state, model, optimizer, extra_modules, loader, info
                     )
+                    micro_batch = state.micro_batch_size or micro_batch
                 continue
 
-            state.guard.consecutive_failures = 0
-            state.step += 1
+            on_clean_step(state.guard, r.train, info)
+            state.step = step
             metrics = {
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed,
                 "step_time_s": elapsed,
+                "mfu": flops * tokens / elapsed / peak_flops,
                 **scalar_stats(stats),
                 **diagnostics,
                 **{f"ce_head{k}": head_ce[k] for k in range(n_heads)},
             }
-            metrics["mfu"] = flops * metrics["tokens_per_s"] / peak_flops
-            metrics["finite"] = 1.0
             val = None
-            if r.train.eval_every and state.step % r.train.eval_every == 0 and r.data.validation:
+            if r.train.eval_every and step % r.train.eval_every == 0 and r.data.validation:
                 val_loader = loader_for(r.data.validation, seed=0)
                 val = validation_loss(
                     model,
@@ -298,49 +288,56 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo) -> int:
                     info,
                     r.data.pack,
                 )
-            log({**metrics, **(val or {})}, state.step, r.train.max_steps)
+            log({**metrics, **(val or {})}, step, r.train.max_steps)
 
+            best_before = (state.best_val, state.best_step)
             improved = val is not None and (
                 state.best_val is None or val["val_loss"] < state.best_val
             )
             if improved:
-                state.best_val = val["val_loss"]
-            periodic = r.checkpoint.every_steps and state.step % r.checkpoint.every_steps == 0
-            if periodic or improved or state.step == r.train.max_steps:
-                state.loader, state.micro_batch_size = loader.state_dict(), loader.config.batch_size
-                path = checkpoints.save(
-                    state.step, model, optimizer, state.state_dict(), extra_modules
-                )
-                if improved:
-                    checkpoints.mark_best(path)
-            if r.faults.kill_at_step == state.step:
-                os._exit(137)  # simulated hard kill: no cleanup, no final checkpoint
+                state.best_val, state.best_step = val["val_loss"], step
+            periodic = r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0
+            if periodic or improved or step == r.train.max_steps:
+                state.loader, state.micro_batch_size = loader.state_dict(), micro_batch
+                try:
+                    checkpoints.save(
+                        step, model, optimizer, state.state_dict(), extra_modules, faults.kill_point
+                    )
+                except StorageError as exc:
+                    if step == r.train.max_steps or r.checkpoint.periodic_save_failure == "stop":
+                        raise
+                    state.best_val, state.best_step = best_before
+                    if info.is_main:
+                        print(f"[warning] checkpoint of step {step} skipped: {exc}", flush=True)
+            if r.faults.kill_at_step == step:
+                faults.kill_now()  # fault injection: dies after the step and its checkpoint
+            if r.faults.stall_after_step == step:
+                time.sleep(r.faults.stall_seconds)
     except TrainingFailure as exc:
         failure = exc
+    except StorageError as exc:
+        failure = storage_failure(exc)
 
     # ------------------------------------------------------------- export and report
     export = None
     if failure is None and r.checkpoint.export_safetensors:
-        export = export_safetensors(
-            model,
-            args,
-            out / "export" / "final",
-            info,
-            dtype,
-            {"run_id": str(state.run_id), "algo": r.weighting.algo},
-            tokenizer=Path(r.model.tokenizer),
-        )
-    if info.is_main:
-        failed = (failure.what, failure.next_action) if failure else None
-        report = write_reports(
-            out, r, state, n_heads, samples, tokenizer, tracker, export, failed, warnings
-        )
-        if failure:
-            print(
-                f"error: {failure.what}\nnext action: {failure.next_action}\nreport: {report}",
-                flush=True,
+        try:
+            export = export_safetensors(
+                model,
+                args,
+                out / "export" / "final",
+                info,
+                dtype,
+                {"run_id": str(state.run_id), "algo": r.weighting.algo},
+                tokenizer=Path(r.model.tokenizer),
+                kill_point=faults.kill_point,
             )
-        tracker.end("FAILED" if failure else "FINISHED")
+        except StorageError as exc:
+            failure = storage_failure(exc)
+    if failure is not None:
+        board.fail(failure)  # distributed: rank 0 reports, every rank exits with the code
+    if info.is_main:
+        report(failure, export)
     return failure.exit_code if failure else EXIT_OK
 
 

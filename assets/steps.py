@@ -54,10 +54,13 @@ def quick_verify(directory: Path, full: bool = False) -> list[str]:
     """SHA256SUMS check; re-hashes only files whose size/mtime changed since the last full hash."""
     if not (directory / SUMS_FILE).is_file():
         return [f"{directory}: no {SUMS_FILE}"]
-    stamp_path = directory / STAMP
-    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() and not full else {}
+    stamp = {} if full else read_stamp(directory / STAMP)
+    try:
+        listed = read_sha256sums(directory)
+    except ChecksumError as exc:  # a malformed manifest is a problem to report, like a bad file
+        return [str(exc)]
     problems, fresh = [], {}
-    for name in read_sha256sums(directory):
+    for name in listed:
         path = directory / name
         if not path.is_file():
             problems.append(f"{path}: listed in {SUMS_FILE} but missing")
@@ -72,8 +75,17 @@ def quick_verify(directory: Path, full: bool = False) -> list[str]:
                 continue
         fresh[name] = key
     if not problems:
-        atomic_write_text(stamp_path, json.dumps(fresh))
+        atomic_write_text(directory / STAMP, json.dumps(fresh))
     return problems
+
+
+def read_stamp(path: Path) -> dict:
+    """The quick-verify stamp {file: [size, mtime]}; a missing or corrupt one means re-hash all."""
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
 def write_json(path: Path, data: dict) -> None:

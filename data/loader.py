@@ -168,9 +168,11 @@ class TrainLoader:
             [[self.data.sample_ids[i] for i in row] for row in rows],
         )
 
-    def next_batch(self) -> Batch:
-        rows = [self._row() for _ in range(self.world_size * self.config.batch_size)]
-        mine = rows[self.rank * self.config.batch_size : (self.rank + 1) * self.config.batch_size]
+    def next_batch(self, batch_size: int | None = None) -> Batch:
+        """The next `batch_size` (default: the config's) rows of this rank."""
+        size = batch_size or self.config.batch_size
+        rows = [self._row() for _ in range(self.world_size * size)]
+        mine = rows[self.rank * size : (self.rank + 1) * size]
         self.step += 1
         return self._collate(mine)
 

@@ -10,7 +10,6 @@ previous output untouched):
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import shutil
@@ -44,6 +43,7 @@ from data.readers import (
 from data.records import SCHEMA, DataError, Record, write_records
 from data.splits import SMALL_SPLITS, SPLITS, mbpp_upstream_split, seeded_split, small_subset
 from model.tokenizer import Tokenizer
+from runtime.cli import ArgumentParser, entry_point
 from runtime.integrity import write_sha256sums
 
 DATASETS = ("codecontests", "mbpp", "humaneval", "tasks")
@@ -54,6 +54,8 @@ def source_files(dataset: str, source: Path | None) -> list[Path]:
         return [humaneval_package_path()]
     if source is None:
         raise DataError(f"--source-dir is required for {dataset}")
+    if not source.exists():
+        raise DataError(f"--source-dir {source}: not found")
     if source.is_file():
         return [source]
     patterns = {
@@ -206,8 +208,9 @@ def write_outputs(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Process a code dataset into training splits.")
+    parser = ArgumentParser(description="Process a code dataset into training splits.")
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument(
         "--source-dir", type=Path, help="raw files (HumanEval: default package copy)"

@@ -39,15 +39,15 @@ class ProcessConfig:
 
     def __post_init__(self) -> None:
         if self.incorrect not in INCORRECT_POLICIES:
-            raise ValueError(
+            raise DataError(
                 f"--incorrect {self.incorrect!r} is invalid: allowed {', '.join(INCORRECT_POLICIES)}"
             )
         if self.max_length < 64:
-            raise ValueError(f"max_length={self.max_length} is invalid: must be >= 64")
+            raise DataError(f"--max-length {self.max_length} is invalid: must be >= 64")
         for lang in self.languages:
             if lang not in LANGUAGE_TAGS:
-                raise ValueError(
-                    f"languages: {lang!r} is unknown; allowed: {sorted(LANGUAGE_TAGS)}"
+                raise DataError(
+                    f"--languages: {lang!r} is unknown; allowed: {sorted(LANGUAGE_TAGS)}"
                 )
 
 

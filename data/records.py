@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import InputError
 from runtime.integrity import atomic_path
 
 METADATA_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -47,7 +48,7 @@ SCHEMA = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file and line."""
 
 

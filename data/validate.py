@@ -10,7 +10,6 @@ problems or HumanEval into the training splits. Exit code 1 when anything is wro
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from data.process import CORRECTNESS_LABELS, count_tokens
 from data.records import DataError, Record, iter_jsonl, schema_errors
 from data.splits import SMALL_SPLITS, SPLITS
 from model.tokenizer import Tokenizer
+from runtime.cli import ArgumentParser, entry_point
 from runtime.integrity import SUMS_FILE, read_sha256sums, sha256sums_problems
 
 TRAINING_SPLITS = ("train", "train_small")
@@ -146,8 +146,9 @@ def validate(
     return problems
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "dataset_dir", type=Path, help="folder holding processed/ (prepare's --output-dir)"
     )

@@ -10,7 +10,6 @@ token-weight heatmap. Everything lands under --out (default outputs/demo); MLflo
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from data.records import Record, write_records
+from runtime.cli import ArgumentParser, entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -344,8 +344,9 @@ def run(out: Path, settings: DemoSettings) -> Path:
     return report
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, for tests (about a minute)"

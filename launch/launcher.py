@@ -10,7 +10,6 @@ outputs/vessl/<name>.yaml and submits it with the `vessl` CLI.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from runtime.cli import ArgumentParser, entry_point
 from runtime.config import LauncherConfig, load_env_config
 from runtime.schema import ConfigError
 
@@ -77,8 +77,9 @@ def submit_vessl(spec: dict, out_dir: Path, dry_run: bool) -> Path:
     return path
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--config")

@@ -12,7 +12,6 @@ Output lines: {task_id, text, entry_point, tests, solutions: [{code, is_correct,
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.cli import ArgumentParser, entry_point
 from runtime.integrity import atomic_write_text
 
 
@@ -323,8 +323,9 @@ def write_tasks(path: Path, variants: int = 8, seed: int = 0, workers: int = 2) 
     }
 
 
+@entry_point
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate the verifiable synthetic task set.")
+    parser = ArgumentParser(description="Generate the verifiable synthetic task set.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

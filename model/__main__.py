@@ -6,7 +6,6 @@ forward, and round-trips the weights through safetensors with SHA256 verificatio
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
@@ -14,10 +13,12 @@ import torch
 
 from model.args import ModelArgs
 from model.weights import build_model, load_model_dir, save_model_dir
+from runtime.cli import ArgumentParser, entry_point
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="model dir to write (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     cli = parser.parse_args(argv)

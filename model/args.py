@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class ModelArgs:
         for key, ok, allowed in checks:
             if not ok:
                 value = self.head_dim if key == "head_dim" else getattr(self, key)
-                raise ValueError(f"ModelArgs.{key}={value!r} is invalid: must be {allowed}")
+                raise InputError(f"ModelArgs.{key}={value!r} is invalid: must be {allowed}")
 
     @classmethod
     def from_dict(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:
@@ -95,12 +96,12 @@ class ModelArgs:
     def from_params_json(cls, path: str | Path, **overrides: Any) -> ModelArgs:
         """Reads Meta's params.json. `vocab_size: -1` (Meta's "take it from the tokenizer")
         must be overridden by the caller."""
-        path = Path(path)
+        from model.weights import read_params
+
         try:
-            params = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"cannot read model params from {path}: {exc}") from exc
-        return cls.from_dict(params, **overrides)
+            return cls.from_dict(read_params(Path(path)), **overrides)
+        except TypeError as exc:
+            raise InputError(f"{path}: not a valid params.json ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sentencepiece import SentencePieceProcessor
 
+from runtime.errors import InputError
+
 
 class Tokenizer:
     """Encodes and decodes text; `pad_id` falls back to eos when the model has no pad piece."""
@@ -16,7 +18,10 @@ class Tokenizer:
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         self.model_path = model_path
-        self.sp = SentencePieceProcessor(model_file=str(model_path))
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(model_path))
+        except (RuntimeError, OSError) as exc:
+            raise InputError(f"{model_path}: not a sentencepiece tokenizer model ({exc})") from None
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.args import ModelArgs
 from model.transformer import Transformer
+from runtime.errors import InputError
 from runtime.integrity import (
     ChecksumError,
     atomic_path,
@@ -56,6 +57,19 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def read_params(path: Path) -> dict:
+    """A params.json as a dict; a missing or malformed file is one clear InputError."""
+    if not path.is_file():
+        raise InputError(f"{path}: model params file not found")
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a valid params.json ({exc})") from None
+    if not isinstance(params, dict):
+        raise InputError(f"{path}: not a valid params.json (expected an object)")
+    return params
+
+
 def find_meta_weights(ckpt_dir: Path) -> Path:
     """Meta ships `consolidated.pth` (MTP release) or `consolidated.00.pth` (llama releases)."""
     candidates = sorted(ckpt_dir.glob("consolidated*.pth"))
@@ -78,15 +92,17 @@ def load_meta_checkpoint(
     `rope.freqs` is dropped. A params.json `vocab_size` of -1 is taken from tokenizer.model.
     """
     ckpt_dir = Path(ckpt_dir)
-    params = json.loads((ckpt_dir / PARAMS_FILE).read_text())
+    params = read_params(ckpt_dir / PARAMS_FILE)
     if params.get("vocab_size", -1) <= 0 and "vocab_size" not in arg_overrides:
         from model.tokenizer import Tokenizer
 
         arg_overrides["vocab_size"] = Tokenizer(ckpt_dir / "tokenizer.model").n_words
     args = ModelArgs.from_dict(params, **arg_overrides)
-    state = torch.load(
-        find_meta_weights(ckpt_dir), map_location="cpu", mmap=mmap, weights_only=True
-    )
+    weights = find_meta_weights(ckpt_dir)
+    try:
+        state = torch.load(weights, map_location="cpu", mmap=mmap, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ChecksumError(f"{weights}: not a readable PyTorch checkpoint ({exc})") from None
     state = {k: v for k, v in state.items() if k not in META_IGNORED_KEYS}
     return args, _cast(state, dtype)
 
@@ -190,7 +206,10 @@ def save_safetensors(
 def _safetensors_files(model_dir: Path) -> list[str]:
     index = model_dir / INDEX_FILE
     if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ChecksumError(f"{index}: not a valid safetensors index ({exc})") from None
     if (model_dir / SAFETENSORS_FILE).is_file():
         return [SAFETENSORS_FILE]
     raise FileNotFoundError(f"no {INDEX_FILE} or {SAFETENSORS_FILE} in {model_dir}")
@@ -202,9 +221,14 @@ def load_safetensors(
     model_dir = Path(model_dir)
     state: dict[str, torch.Tensor] = {}
     for filename in _safetensors_files(model_dir):
-        with safe_open(str(model_dir / filename), framework="pt", device=device) as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                state[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(model_dir / filename), framework="pt", device=device) as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise ChecksumError(
+                f"{model_dir / filename}: not a readable safetensors file ({exc})"
+            ) from None
     return _cast(state, dtype)
 
 

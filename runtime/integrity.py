@@ -9,11 +9,13 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from runtime.errors import InputError
+
 SUMS_FILE = "SHA256SUMS"
 _CHUNK = 8 << 20
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(InputError):
     """A file's content does not match its recorded SHA256."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from runtime.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A recipe or config value is wrong; the message names the key, the value and what is allowed."""
 
 
@@ -74,9 +77,11 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads 1e-5 as a string
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}={value!r} is invalid: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -108,7 +108,10 @@ class Tracker:
         if self._client is not None:
             self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """Ends the run; a failed run carries its reason in the `failure` tag."""
         if self._client is not None:
+            if reason:
+                self._client.set_tag(self.run_id, "failure", reason[:5000])
             self._client.set_terminated(self.run_id, status=status)
             self._client = None

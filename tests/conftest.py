@@ -26,3 +26,13 @@ def llama2_tokenizer_path() -> Path:
 @pytest.fixture(scope="session")
 def mbpp_path() -> Path:
     return shared_file("mbpp", "mbpp.jsonl")
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory, mbpp_path):
+    """Micro assets shared by the training tests: (root, asset paths, env config path)."""
+    from tests.micro_assets import build_micro_assets, env_config
+
+    root = tmp_path_factory.mktemp("micro")
+    assets = build_micro_assets(root, mbpp_path)
+    return root, assets, env_config(root / "config.yaml", root)

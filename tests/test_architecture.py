@@ -51,7 +51,7 @@ def test_training_modules_stay_short_and_the_loop_lives_in_train_wmtp():
     assert max(sizes.values()) <= 300, sizes
     assert not (REPO_ROOT / "training" / "trainer.py").exists()
     main = (REPO_ROOT / "train_wmtp.py").read_text()
-    for step in ("mtp_loss_backward(", "weighter.weights(", "optimizer.step()", "validation_loss("):
+    for step in ("mtp_loss_backward(", "weighter.scores(", "optimizer.step()", "validation_loss("):
         assert step in main, f"the loop in train_wmtp.py no longer calls {step}"
 
 

@@ -2,112 +2,120 @@
 
     <output>/checkpoints/step_0000100/   complete checkpoints only (written as .tmp, then renamed)
         dcp/                             torch.distributed.checkpoint of model, optimizer, extras
-        trainer_state.json               step, scheduler, loader cursor, guard state, run id
+        trainer_state.json               `TrainState`: step, loader cursor, guard, best, history
         rng_rank{r}.pt                   torch (and CUDA) RNG of rank r
+        SHA256SUMS                       every file above: a torn checkpoint is never loaded
     <output>/checkpoints/latest          name of the newest complete checkpoint
-    <output>/checkpoints/best            name of the best one (by validation loss), never rotated
-    <output>/export/<name>/              full-weight safetensors model dir, for evaluation
+    <output>/checkpoints/best            name of the best one, never rotated
 
-keep_last rotation removes the oldest step_* dirs beyond the limit, never `best` or `latest`.
+`latest` and `best` are conveniences re-derived from the checkpoints themselves on resume (the
+state names its best step), so a kill between a save and a pointer update cannot leave them
+stale. A save that fails (disk full, read-only, vanished directory) removes its temporary
+directory, leaves the previous checkpoint as it was and raises StorageError on every rank.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
 
-from model.args import ModelArgs
-from model.weights import save_model_dir
-from runtime.integrity import atomic_write_text
-from training.distributed import DistInfo, barrier
+from runtime.errors import StorageError, storage_error
+from runtime.integrity import (
+    SUMS_FILE,
+    ChecksumError,
+    atomic_write_text,
+    read_sha256sums,
+    sha256_file,
+    sha256sums_problems,
+)
+from training.distributed import DistInfo, all_gather_objects, barrier
+from training.state import rng_state, set_rng_state
 
 STATE_FILE = "trainer_state.json"
-HISTORY_KEPT = 2000  # history entries stored in a checkpoint (the run's full history is in MLflow)
+FREE_SPACE_MARGIN = 1.05
+FULL_BELOW_BYTES = 1 << 20  # a write error with less free than this is a full disk
 
 
-@dataclass
-class GuardState:
-    """What the NaN/OOM guards have done so far (saved with every checkpoint)."""
-
-    lr_scale: float = 1.0
-    consecutive_failures: int = 0
-    skipped_steps: int = 0
-    fired_faults: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TrainState:
-    """Everything besides model/optimizer tensors that a resumed run needs to continue exactly."""
-
-    step: int = 0  # optimizer steps done
-    stage1_step: int = 0  # critic stage-1 steps done
-    stage1_explained_variance: float | None = None  # of the value head, on held-out batches
-    run_id: str | None = None
-    best_val: float | None = None
-    micro_batch_size: int | None = None
-    loader: dict = field(default_factory=dict)  # TrainLoader.state_dict()
-    guard: GuardState = field(default_factory=GuardState)
-    history: list[dict] = field(default_factory=list)
-
-    def state_dict(self) -> dict:
-        state = asdict(self)
-        state["history"] = self.history[-HISTORY_KEPT:]
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, GuardState(**value) if name == "guard" else value)
+def _local_bytes(state: Any) -> int:
+    """Bytes this rank holds in a (nested) state dict; sharded tensors count their local shard."""
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_local_bytes(v) for v in state)
+    if hasattr(state, "to_local"):
+        state = state.to_local()
+    return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, info: DistInfo, keep_last: int = 3):
+    def __init__(
+        self, root: str | Path, info: DistInfo, keep_last: int = 3, check_free_space: bool = True
+    ):
         self.root = Path(root)
         self.info = info
         self.keep_last = keep_last
+        self.check_free_space = check_free_space
+        self.last_saved: Path | None = None
 
-    def _pointer(self, name: str) -> Path | None:
-        pointer = self.root / name
-        if not pointer.is_file():
-            return None
-        target = self.root / pointer.read_text().strip()
-        return target if (target / STATE_FILE).is_file() else None
+    def complete(self) -> list[Path]:
+        """Checkpoint dirs with a state and a manifest, oldest first (not yet verified)."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            p
+            for p in self.root.glob("step_*")
+            if (p / STATE_FILE).is_file() and (p / SUMS_FILE).is_file()
+        ]
+        return sorted(found)
 
     def latest(self) -> Path | None:
-        """Newest complete checkpoint (the pointer, else a scan that ignores partial .tmp dirs)."""
-        found = self._pointer("latest")
-        if found:
-            return found
-        complete = sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file())
+        """The newest complete checkpoint (manifest present; see `newest_intact` for SHA256)."""
+        complete = self.complete()
         return complete[-1] if complete else None
 
     def best(self) -> Path | None:
-        return self._pointer("best")
+        pointer = self.root / "best"
+        target = self.root / pointer.read_text().strip() if pointer.is_file() else None
+        return target if target is not None and (target / STATE_FILE).is_file() else None
+
+    def verify(self, path: Path) -> list[str]:
+        """SHA256 of every file in the checkpoint's manifest, hashed in parallel by the ranks."""
+        try:
+            names = sorted(read_sha256sums(path))
+        except (OSError, ChecksumError) as exc:
+            return [str(exc)]
+        mine = names[self.info.rank :: self.info.world_size]
+        problems = sha256sums_problems(path, mine)
+        gathered = all_gather_objects(problems, self.info)
+        return [p for rank_problems in gathered for p in rank_problems]
+
+    def newest_intact(self, log=print) -> Path | None:
+        """The newest checkpoint whose files all match its manifest; torn ones are skipped."""
+        for path in reversed(self.complete()):
+            problems = self.verify(path)
+            if not problems:
+                return path
+            if self.info.is_main:
+                log(f"[resume] skipping torn checkpoint {path.name}: {problems[0]}")
+        return None
 
     def save(
         self,
@@ -116,40 +124,112 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         trainer_state: dict,
         extra_modules: dict[str, nn.Module] | None = None,
+        kill_point=None,
     ) -> Path:
-        """Collective: every rank must call it. Returns the checkpoint dir."""
+        """Collective: every rank must call it. Returns the checkpoint dir; raises StorageError
+        (on every rank) with the previous checkpoint untouched when storage refuses the write."""
         name = f"step_{step:07d}"
         final, tmp = self.root / name, self.root / f".{name}.tmp"
-        if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(self.info)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         for key, module in (extra_modules or {}).items():
             state[key] = module.state_dict()
-        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
-        torch.save(_rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
-        barrier(self.info)
-        if self.info.is_main:
-            atomic_write_text(
-                tmp / STATE_FILE, json.dumps({**trainer_state, "step": step}, indent=2) + "\n"
-            )
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            atomic_write_text(self.root / "latest", name + "\n")
-            self._rotate()
-        barrier(self.info)
+        try:
+            self._agree(self._prepare, tmp, _local_bytes(state) * self.info.world_size)
+            self._agree(self._write_shards, tmp, state)
+            if kill_point is not None:
+                kill_point("save", step)  # fault injection: killed with the shards half written
+            self._agree(self._seal, tmp, final, {**trainer_state, "step": step})
+            if kill_point is not None:
+                kill_point("sealed", step)  # fault injection: killed before the pointers moved
+            self._agree(self._publish, final, trainer_state.get("best_step"))
+        except StorageError:
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.last_saved = final
         return final
 
-    def mark_best(self, path: Path) -> None:
+    def _agree(self, phase, *args) -> None:
+        """Runs one phase of a save on every rank; if it failed anywhere, every rank raises."""
+        try:
+            phase(*args)
+            message = None
+        except StorageError as exc:
+            message = str(exc)
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            CheckpointException,
+        ) as exc:  # DCP wraps I/O errors
+            message = str(storage_error("writing checkpoint", args[0], _root_cause(exc)))
+            free = _free_bytes(self.root)
+            if free < FULL_BELOW_BYTES and "space" not in message:
+                message += f" (No space left on device: {free / 2**20:.1f} MiB free)"
+        messages = [m for m in all_gather_objects(message, self.info) if m]
+        if messages:
+            raise StorageError(messages[0])
+
+    def _prepare(self, tmp: Path, needed: int) -> None:
+        if not self.info.is_main:
+            return
+        if self.last_saved is not None and not self.last_saved.is_dir():
+            raise StorageError(
+                f"checkpoint directory {self.root} vanished: {self.last_saved.name} is gone"
+            )
+        free = _free_bytes(self.root)
+        if self.check_free_space and free < needed * FREE_SPACE_MARGIN:
+            raise StorageError(
+                f"not enough space for a checkpoint in {self.root}: needs about "
+                f"{needed * FREE_SPACE_MARGIN / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+            )
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def _write_shards(self, tmp: Path, state: dict) -> None:
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+        torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
+
+    def _seal(self, tmp: Path, final: Path, trainer_state: dict) -> None:
+        """State file and manifest (every rank hashes its own files), then the rename."""
+        barrier(self.info)
+        mine = [
+            p
+            for p in tmp.rglob("*")
+            if p.is_file() and _owner(p, self.info.world_size) == self.info.rank
+        ]
+        digests = {str(p.relative_to(tmp)): sha256_file(p) for p in mine}
+        gathered = all_gather_objects(digests, self.info)
+        if not self.info.is_main:
+            return
+        atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=2) + "\n")
+        digests = {k: v for d in gathered for k, v in d.items()}
+        digests[STATE_FILE] = sha256_file(tmp / STATE_FILE)
+        lines = "".join(f"{digest}  {n}\n" for n, digest in sorted(digests.items()))
+        atomic_write_text(tmp / SUMS_FILE, lines)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+
+    def _publish(self, final: Path, best_step: int | None) -> None:
+        self.point_to(final, best_step)
         if self.info.is_main:
-            atomic_write_text(self.root / "best", path.name + "\n")
+            self._rotate()
+
+    def point_to(self, latest: Path, best_step: int | None) -> None:
+        """Rewrites `latest` and `best` from a checkpoint and the best step its state names."""
+        if not self.info.is_main:
+            return
+        atomic_write_text(self.root / "latest", latest.name + "\n")
+        best = self.root / f"step_{best_step:07d}" if best_step is not None else None
+        if best is not None and (best / STATE_FILE).is_file():
+            atomic_write_text(self.root / "best", best.name + "\n")
 
     def _rotate(self) -> None:
-        protected = {p.name for p in (self.best(), self.latest()) if p is not None}
-        steps = sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file())
+        best = self.best()
+        protected = {p.name for p in (best, self.latest()) if p is not None}
+        steps = self.complete()
         for old in steps[: max(len(steps) - self.keep_last, 0)]:
             if old.name not in protected:
                 shutil.rmtree(old)
@@ -182,32 +262,34 @@ class CheckpointManager:
             module.load_state_dict(state[key])
         rng_file = path / f"rng_rank{self.info.rank}.pt"
         if restore_rng and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        self.last_saved = path
         return json.loads((path / STATE_FILE).read_text())
 
 
-def export_safetensors(
-    model: nn.Module,
-    args: ModelArgs,
-    out_dir: str | Path,
-    info: DistInfo,
-    dtype: torch.dtype,
-    metadata: dict[str, str] | None = None,
-    tokenizer: Path | None = None,
-) -> Path | None:
-    """Gathers full weights (collective) and writes a model dir (with tokenizer.model) on the main rank."""
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    out = Path(out_dir)
-    if info.is_main:
-        state = {k: v.detach().to("cpu", dtype) for k, v in full.items()}
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        extra = {"tokenizer.model": tokenizer} if tokenizer else None
-        save_model_dir(tmp, args, state, metadata=metadata, extra_files=extra)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    barrier(info)
-    return out if info.is_main else None
+def _owner(path: Path, world_size: int) -> int:
+    """The rank that hashes a file: DCP's `__{rank}_{i}.distcp` and `rng_rank{r}.pt` by their
+    writer, the rest by rank 0."""
+    name = path.name
+    if name.startswith("__") and name.endswith(".distcp"):
+        return int(name[2:].split("_")[0]) % world_size
+    if name.startswith("rng_rank"):
+        return int(name.removeprefix("rng_rank").split(".")[0]) % world_size
+    return 0
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError inside a wrapped exception (DCP's CheckpointException), if there is one."""
+    seen = exc
+    for _ in range(8):
+        if isinstance(seen, OSError):
+            return seen
+        failures = getattr(seen, "failures", None)  # CheckpointException: {rank: (exc, trace)}
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            seen = first[0] if isinstance(first, tuple) else first
+            continue
+        if seen.__cause__ is None and seen.__context__ is None:
+            break
+        seen = seen.__cause__ or seen.__context__
+    return exc

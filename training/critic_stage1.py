@@ -9,11 +9,11 @@ import torch.distributed as dist
 
 from data.loader import Batch, TrainLoader
 from model.transformer import Transformer
-from training.checkpoints import TrainState
 from training.distributed import DistInfo, all_reduce_sum
 from training.loss import autocast
-from training.report import StepLog
+from training.run_log import StepLog
 from training.signals import Signals
+from training.state import TrainState
 from weighting import ValueHead, gae, terminal_rewards, value_loss
 from weighting.config import CriticConfig
 

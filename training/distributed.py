@@ -88,3 +88,12 @@ def all_gather_values(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, values.detach().cpu())
     return torch.cat(gathered).to(values.device)
+
+
+def all_gather_objects(obj: object, info: DistInfo) -> list:
+    """`obj` of every rank (picklable), in rank order."""
+    if not info.enabled:
+        return [obj]
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

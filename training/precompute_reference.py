@@ -10,7 +10,6 @@ equal those of the online reference exactly.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from data.tokenized import cache_key, load_tokenized
 from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
+from runtime.cli import ArgumentParser, entry_point
 from runtime.config import load_env_config
 from runtime.precision import resolve_precision
 from runtime.schema import ConfigError
@@ -56,8 +56,9 @@ def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) 
     return directory
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--config")

@@ -94,6 +94,7 @@ class TrainSection:
     activation_checkpointing: bool = False
     fsdp: Literal["auto", "on", "off"] = "auto"
     nan_max_retries: int = 3
+    lr_recovery_steps: int = 100  # clean steps after which a halved LR doubles back (0: never)
     oom_auto_shrink: bool = True
     eval_every: int = 0
     eval_batches: int = 8
@@ -146,6 +147,8 @@ class CheckpointSection:
     keep_last: int = 3
     resume: Literal["auto", "never"] = "auto"
     export_safetensors: bool = True
+    check_free_space: bool = True  # refuse a save that cannot fit, before writing anything
+    periodic_save_failure: Literal["stop", "skip"] = "stop"  # skip: warn and train on
 
     def validate(self, where: str) -> None:
         require(
@@ -166,11 +169,27 @@ class TrackingSection:
 
 @dataclass
 class FaultsSection:
-    """Fault injection for testing the guards; leave empty in real recipes."""
+    """Fault injection for testing the guards; leave empty in real recipes. Steps count from 1,
+    as the log does; `kill_at` names points where the process dies like `kill -9`:
+    `step:N` (step N's backward done, before its update), `save:N` (step N's checkpoint shards
+    written, not sealed), `sealed:N` (step N's checkpoint renamed into place, `latest`/`best`
+    not yet moved), `log:N` (between step N's history entry and its MLflow write), `export`
+    (the export half written)."""
 
-    nan_at_steps: list[int] = field(default_factory=list)
+    nan_at_steps: list[int] = field(default_factory=list)  # NaN gradients during these steps
+    nan_params_at_steps: list[int] = field(default_factory=list)  # a NaN parameter after the update
     oom_at_steps: list[int] = field(default_factory=list)
-    kill_at_step: int | None = None
+    oom_ranks: list[int] | None = None  # ranks the simulated OOM hits (default: all)
+    kill_at_step: int | None = None  # dies after step N and its checkpoint
+    kill_at: list[str] = field(default_factory=list)
+    stall_after_step: int | None = None  # sleeps `stall_seconds` after step N (a window for
+    stall_seconds: float = 0.0  # tests that break storage from outside the run)
+
+    def validate(self, where: str) -> None:
+        for point in self.kill_at:
+            name, _, step = point.partition(":")
+            ok = (name in ("step", "save", "sealed", "log") and step.isdigit()) or point == "export"
+            require(ok, key(where, "kill_at"), point, "step:N, save:N, sealed:N, log:N or export")
 
 
 @dataclass

@@ -4,7 +4,6 @@ config, its token weights and — on failure — what to do next), with the file
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -16,11 +15,10 @@ from data.loader import Batch
 from model.tokenizer import Tokenizer
 from runtime.integrity import atomic_write_text
 from runtime.plots import histogram_svg
-from runtime.schema import flatten, to_dict
+from runtime.schema import to_dict
 from runtime.tracking import Tracker, scrub_tree
-from training.checkpoints import TrainState
-from training.distributed import DistInfo
 from training.recipe import Recipe
+from training.state import TrainState
 
 
 def weighted_tokens_markdown(pieces: list[str], weights: list[float]) -> str:
@@ -73,29 +71,6 @@ def write_run_report(
     path = Path(path)
     atomic_write_text(path, "\n".join(lines))
     return path
-
-
-class StepLog:
-    """Every logged step goes to the run history, MLflow and (every `every` steps) stdout."""
-
-    SHOWN = ("loss", "value_loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
-
-    def __init__(self, history: list[dict], tracker: Tracker, every: int, is_main: bool):
-        self.history, self.tracker, self.every, self.is_main = history, tracker, every, is_main
-
-    def __call__(
-        self, metrics: dict[str, float], step: int, last: int, stage: str = "step"
-    ) -> None:
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
-        self.history.append({"stage": stage, "step": step, **numbers})
-        self.tracker.log_metrics(metrics, step)
-        if self.is_main and (step % self.every == 0 or step == last):
-            shown = " ".join(
-                f"{k}={v:.4g}"
-                for k, v in metrics.items()
-                if k.removeprefix("stage1_") in self.SHOWN
-            )
-            print(f"[{stage} {step}] {shown}", flush=True)
 
 
 @dataclass
@@ -223,19 +198,40 @@ def write_reports(
     return report
 
 
-def start_tracking(
-    tracker: Tracker, recipe: Recipe, extra_params: dict, run_id: str | None, info: DistInfo
-) -> str:
-    """Starts (or resumes) the MLflow run `mtp/{algo}/{dataset}`; every rank gets its id."""
-    experiment = recipe.tracking.experiment or f"mtp/{recipe.weighting.algo}/{recipe.data.dataset}"
-    params = {**flatten(to_dict(recipe)), **extra_params}
-    run_name = recipe.tracking.run_name or recipe.run.name
-    tags = {"algo": recipe.weighting.algo}
-    run_id = tracker.start(experiment, run_name, params, tags=tags, run_id=run_id)
-    if info.is_main and run_id is None:
-        run_id = f"local-{int(time.time())}"
-    if info.enabled:
-        box = [run_id]
-        torch.distributed.broadcast_object_list(box, src=0)
-        run_id = box[0]
-    return run_id
+@dataclass
+class RunReporter:
+    """Writes the run's report and ends its MLflow run: on success, or on a failure of any rank
+    (the failure board calls it on rank 0)."""
+
+    out: Path
+    recipe: Recipe
+    state: TrainState
+    n_heads: int
+    samples: WeightSamples
+    tokenizer: Tokenizer
+    tracker: Tracker
+    warnings: list[str]
+
+    def __call__(self, failure=None, export: Path | None = None) -> Path:
+        failed = (failure.what, failure.next_action) if failure else None
+        path = write_reports(
+            self.out,
+            self.recipe,
+            self.state,
+            self.n_heads,
+            self.samples,
+            self.tokenizer,
+            self.tracker,
+            export,
+            failed,
+            self.warnings,
+        )
+        self.tracker.end(
+            "FAILED" if failure else "FINISHED", failure.what.splitlines()[0] if failure else None
+        )
+        if failure:
+            print(
+                f"error: {failure.what}\nnext action: {failure.next_action}\nreport: {path}",
+                flush=True,
+            )
+        return path

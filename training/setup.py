@@ -15,6 +15,7 @@ from model.args import ModelArgs
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from model.weights import build_model, load_checkpoint_dir
+from runtime.errors import InputError
 from runtime.schema import ConfigError
 from training.distributed import DistInfo
 from training.parallel import parallelize
@@ -46,6 +47,14 @@ def load_reference_files(model: ModelSection, base: ModelArgs) -> tuple[ModelArg
             "Rho-1 scores need the same tokenizer"
         )
     return args, state
+
+
+def make_output_dir(out: Path) -> None:
+    """run.output_dir, created now: a path that cannot be created is bad input (exit 2)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"run.output_dir={str(out)!r} cannot be created: {exc.strerror}") from None
 
 
 def head_weights_for(train: TrainSection, n_heads: int) -> list[float]:

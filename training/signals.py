@@ -11,6 +11,7 @@ import torch
 from data.loader import Batch
 from model.transformer import Transformer
 from training.loss import autocast, chunked_head_ce
+from training.recipe import Recipe
 from training.reference import ReferenceCEStore, reference_next_token_ce
 from weighting import ValueHead, WeightingInputs, align_to_heads, td_errors, terminal_rewards
 from weighting.config import CriticConfig
@@ -55,6 +56,21 @@ class Signals:
     store: ReferenceCEStore | None = None
     value_head: ValueHead | None = None
     critic: CriticConfig | None = None
+
+    @classmethod
+    def for_recipe(
+        cls, model: Transformer, n_heads: int, dtype: torch.dtype, recipe: Recipe
+    ) -> Signals:
+        """Signals of the policy `model`; the reference, store and value head are set later."""
+        return cls(
+            model,
+            n_heads,
+            recipe.train.ce_chunk_size,
+            dtype,
+            isolate_samples=recipe.data.pack,
+            score=recipe.weighting.rho1.score,
+            critic=recipe.weighting.critic,
+        )
 
     def segments(self, batch: Batch) -> torch.Tensor | None:
         return batch.segment_ids if self.isolate_samples else None

@@ -1,0 +1,65 @@
+"""What a run is, besides its tensors: `TrainState` (saved in every checkpoint as
+trainer_state.json) and the guards' `GuardState` inside it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+HISTORY_KEPT = 2000  # history entries stored in a checkpoint (the run's full history is in MLflow)
+
+
+@dataclass
+class GuardState:
+    """What the NaN/OOM guards have done so far (saved with every checkpoint)."""
+
+    lr_scale: float = 1.0
+    consecutive_failures: int = 0
+    clean_steps: int = 0  # since the LR was last halved
+    skipped_steps: int = 0
+    restores: int = 0
+    fired_faults: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    stage1_step: int = 0  # critic stage-1 steps done
+    stage1_explained_variance: float | None = None  # of the value head, on held-out batches
+    run_id: str | None = None
+    best_val: float | None = None  # best value of checkpoint.best_metric so far
+    best_step: int | None = None  # the checkpoint holding it
+    micro_batch_size: int | None = None  # after OOM shrinks
+    loader: dict = field(default_factory=dict)  # TrainLoader.state_dict()
+    guard: GuardState = field(default_factory=GuardState)
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        state = asdict(self)
+        state["history"] = self.history[-HISTORY_KEPT:]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            if name == "history":
+                self.history[:] = value  # the step log appends to this very list
+            else:
+                setattr(self, name, GuardState(**value) if name == "guard" else value)
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's torch (and CUDA) RNG state, saved per rank in every checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
