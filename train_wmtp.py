@@ -36,8 +36,9 @@ from runtime.errors import EXIT_OK, StorageError
 from runtime.precision import resolve_precision
 from runtime.tracking import Tracker
 from training.checkpoints import CheckpointManager
-from training.critic_stage1 import build_value_head, run_stage1
+from training.critic_stage1 import run_stage1
 from training.distributed import DistInfo, all_true, init_distributed, shutdown
+from training.execution_eval import PassAtOne, tracked_name
 from training.export import export_safetensors
 from training.failures import FailureBoard, TrainingFailure, stop_all_ranks
 from training.guards import (
@@ -52,19 +53,20 @@ from training.guards import (
     weighting_failure,
 )
 from training.loss import autocast, mtp_loss_backward
+from training.mirror import CheckpointMirror, restore_from_mirror
 from training.parallel import set_gradient_sync
 from training.recipe import Recipe, load_recipe
-from training.reference import ReferenceCEStore
+from training.registry import register_run
 from training.report import RunReporter, WeightSamples
 from training.run_log import StepLog, start_tracking
 from training.setup import (
+    attach_signal_sources,
     build_loader,
     build_optimizer,
     build_training_model,
     flops_per_token,
     head_weights_for,
     load_base,
-    load_reference_files,
     lr_at,
     make_output_dir,
 )
@@ -77,6 +79,7 @@ from training.step import (
     is_finite,
     select_step_tokens,
     set_lr,
+    step_metrics,
     validation_loss,
 )
 from weighting import WeightingError, get_weighter, scalar_stats
@@ -126,17 +129,10 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
     data_hash = cache_key(Path(r.data.train), tokenizer)
 
     weighter = get_weighter(r.weighting.algo, r.weighting)
-    signals = Signals.for_recipe(model, n_heads, dtype, r)
-    value_optimizer = None
-    if "ref_ce" in weighter.needs and r.weighting.reference_source == "online":
-        ref_args, ref_weights = load_reference_files(r.model, args)
-        signals.reference = build_training_model(
-            ref_args, ref_weights, info, dtype, use_fsdp, False
-        )
-    if "ref_ce" in weighter.needs and r.weighting.reference_source == "precomputed":
-        signals.store = ReferenceCEStore(r.weighting.reference_ce_dir, data_hash)
-    if "td_error" in weighter.needs:
-        signals.value_head, value_optimizer = build_value_head(args.dim, r.weighting.critic, device)
+    signals = Signals.for_recipe(model, n_heads, dtype, r)  # + the reference, its CE or the critic:
+    value_optimizer = attach_signal_sources(
+        signals, weighter.needs, r, args, info, use_fsdp, data_hash
+    )
     value_head = signals.value_head
     extra_modules = {"value_head": value_head} if value_head is not None else {}
 
@@ -155,8 +151,12 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
         out / "checkpoints", info, r.checkpoint.keep_last, r.checkpoint.check_free_space
     )
 
+    mirror = CheckpointMirror(env.s3, r.run.name) if env.s3.checkpoints and info.is_main else None
     state = TrainState()
     latest = checkpoints.newest_intact() if r.checkpoint.resume == "auto" else None
+    if latest is None and r.checkpoint.resume == "auto" and env.s3.checkpoints:  # a clean disk
+        restore_from_mirror(mirror, checkpoints.root, info)
+        latest = checkpoints.newest_intact()
     if latest is not None:
         state.load_state_dict(checkpoints.load(latest, model, optimizer, extra_modules))
         loader.load_state_dict(state.loader)
@@ -167,6 +167,9 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
     tracker = Tracker(env.mlflow, active=info.is_main)
     state.run_id = start_tracking(tracker, r, model, data_hash, precision, state.run_id, info)
     faults = Faults(r.faults, state.guard, info)
+    if mirror is not None:
+        mirror.kill_point = faults.kill_point
+    pass_at_1 = PassAtOne(r.eval_pass, tokenizer, info, dtype) if r.train.eval_pass_every else None
     log = StepLog(state.history, tracker, r.train.log_every, info.is_main, faults.kill_point)
     samples, warnings = WeightSamples(), []
     flops = flops_per_token(model, args, r.data.seq_len)
@@ -180,17 +183,7 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
         if value_head is not None:
             held_out = loader_for(r.data.validation, seed=0) if r.data.validation else None
             warnings += run_stage1(
-                state,
-                model,
-                value_head,
-                value_optimizer,
-                loader,
-                held_out,
-                r.weighting.critic,
-                r.train.eval_batches,
-                signals,
-                info,
-                log,
+                state, signals, value_optimizer, loader, held_out, r.train.eval_batches, info, log
             )
 
         # ---------------------------------------------------------- optimizer steps
@@ -265,79 +258,101 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
 
             on_clean_step(state.guard, r.train, info)
             state.step = step
-            metrics = {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens / elapsed,
-                "step_time_s": elapsed,
-                "mfu": flops * tokens / elapsed / peak_flops,
-                **scalar_stats(stats),
-                **diagnostics,
-                **{f"ce_head{k}": head_ce[k] for k in range(n_heads)},
-            }
-            val = None
+            metrics = step_metrics(
+                loss,
+                lr,
+                grad_norm,
+                tokens,
+                elapsed,
+                flops,
+                peak_flops,
+                head_ce,
+                scalar_stats(stats),
+                diagnostics,
+            )
+            val = {}
             if r.train.eval_every and step % r.train.eval_every == 0 and r.data.validation:
                 val_loader = loader_for(r.data.validation, seed=0)
-                val = validation_loss(
-                    model,
-                    val_loader,
-                    r.train.eval_batches,
-                    r.train.ce_chunk_size,
-                    dtype,
-                    info,
-                    r.data.pack,
-                )
-            log({**metrics, **(val or {})}, step, r.train.max_steps)
-
-            best_before = (state.best_val, state.best_step)
-            improved = val is not None and (
-                state.best_val is None or val["val_loss"] < state.best_val
+                val = validation_loss(model, val_loader, r.train, dtype, info, r.data.pack)
+            if pass_at_1 is not None and step % r.train.eval_pass_every == 0:
+                val |= pass_at_1(model, step)
+            log(
+                {**metrics, **{tracked_name(k): v for k, v in val.items()}}, step, r.train.max_steps
             )
-            if improved:
-                state.best_val, state.best_step = val["val_loss"], step
+
+            metric, best_before = r.checkpoint.best_metric, (state.best_val, state.best_step)
+            is_best = state.record_eval(metric, val, step)
+            stop_early = state.patience_exhausted(r.train.early_stop_patience, metric, step)
             periodic = r.checkpoint.every_steps and step % r.checkpoint.every_steps == 0
-            if periodic or improved or step == r.train.max_steps:
+            if periodic or is_best or stop_early or step == r.train.max_steps:
                 state.loader, state.micro_batch_size = loader.state_dict(), micro_batch
                 try:
-                    checkpoints.save(
+                    path = checkpoints.save(
                         step, model, optimizer, state.state_dict(), extra_modules, faults.kill_point
                     )
+                    if mirror is not None:  # uploaded in the background; kept in S3 as on disk
+                        mirror.upload(
+                            path,
+                            f"checkpoints/{path.name}",
+                            step,
+                            {p.name for p in checkpoints.complete()},
+                        )
                 except StorageError as exc:
-                    if step == r.train.max_steps or r.checkpoint.periodic_save_failure == "stop":
+                    if (
+                        step == r.train.max_steps
+                        or stop_early
+                        or r.checkpoint.periodic_save_failure == "stop"
+                    ):
                         raise
                     state.best_val, state.best_step = best_before
                     if info.is_main:
                         print(f"[warning] checkpoint of step {step} skipped: {exc}", flush=True)
-            if r.faults.kill_at_step == step:
-                faults.kill_now()  # fault injection: dies after the step and its checkpoint
+            if mirror is not None:
+                mirror.check()  # a background upload that failed stops the run here
+            if stop_early:
+                if info.is_main:
+                    print(f"[train] {state.stop_reason}", flush=True)
+                break
             if r.faults.stall_after_step == step:
                 time.sleep(r.faults.stall_seconds)
+            if r.faults.kill_at_step == step:
+                faults.kill_now()  # fault injection: dies after the step and its checkpoint
     except TrainingFailure as exc:
         failure = exc
     except StorageError as exc:
         failure = storage_failure(exc)
 
     # ------------------------------------------------------------- export and report
-    export = None
+    export, registered = None, None
     if failure is None and r.checkpoint.export_safetensors:
         try:
+            metadata = {"run_id": str(state.run_id), "algo": r.weighting.algo}
             export = export_safetensors(
                 model,
                 args,
                 out / "export" / "final",
                 info,
                 dtype,
-                {"run_id": str(state.run_id), "algo": r.weighting.algo},
-                tokenizer=Path(r.model.tokenizer),
-                kill_point=faults.kill_point,
+                metadata,
+                Path(r.model.tokenizer),
+                faults.kill_point,
             )
+        except StorageError as exc:
+            failure = storage_failure(exc)
+    if mirror is not None and failure is None:
+        try:
+            if export is not None:
+                mirror.upload(export, "export/final")
+            mirror.drain()
         except StorageError as exc:
             failure = storage_failure(exc)
     if failure is not None:
         board.fail(failure)  # distributed: rank 0 reports, every rank exits with the code
     if info.is_main:
-        report(failure, export)
+        if export is not None and r.tracking.register and tracker.active:
+            source = mirror.uri("export/final") if mirror is not None else str(export.resolve())
+            registered = register_run(env.mlflow, r, state, source, data_hash)
+        report(failure, export, registered)
     return failure.exit_code if failure else EXIT_OK
 
 

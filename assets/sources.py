@@ -22,6 +22,7 @@ from pathlib import Path
 
 from runtime.config import EnvConfig
 from runtime.integrity import ChecksumError, sha256_file
+from runtime.s3 import s3_client
 
 CHUNK = 1 << 20
 
@@ -146,22 +147,7 @@ class Fetcher:
 
     def s3_client(self):
         if self._s3 is None:
-            import boto3
-            from botocore.config import Config
-
-            s3 = self.config.s3
-            session = boto3.session.Session()
-            if session.get_credentials() is None:
-                raise PermissionError(
-                    f"S3 mirror s3://{s3.bucket}/{s3.prefix} is configured but no AWS credentials are in the "
-                    "environment (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
-                )
-            self._s3 = session.client(
-                "s3",
-                region_name=s3.region,
-                endpoint_url=s3.endpoint_url,
-                config=Config(retries={"max_attempts": 3}),
-            )
+            self._s3 = s3_client(self.config.s3)
         return self._s3
 
     def _from_s3(self, f: RemoteFile, part: Path) -> str:

@@ -22,8 +22,9 @@ from data.prepare import prepare
 from data.process import ProcessConfig
 from data.readers import humaneval_package_path
 from data.validate import validate
+from model.hf import convert_hf_llama
 from model.tokenizer import Tokenizer
-from model.weights import convert_hf_llama, load_meta_checkpoint, save_model_dir
+from model.weights import load_meta_checkpoint, save_model_dir
 from runtime.config import EnvConfig
 from runtime.integrity import (
     SUMS_FILE,

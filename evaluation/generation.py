@@ -87,11 +87,17 @@ def generate(
     cfg: SamplingConfig,
     stop: list[str],
     generator: torch.Generator | None = None,
+    stop_early: bool = True,
+    cache_dtype: torch.dtype | None = None,
 ) -> list[Generation]:
-    """`n` samples of one prompt, decoded together in one batch (one shared prompt length)."""
+    """`n` samples of one prompt, decoded together in one batch (one shared prompt length).
+
+    `stop_early=False` decodes all `max_new_tokens` steps even when every row has stopped (ranks
+    that run a sharded model in lockstep must make the same number of forwards).
+    """
     start = time.perf_counter()
     device = _model_device(model)
-    cache = model.new_cache(n, len(prompt_ids) + cfg.max_new_tokens)
+    cache = model.new_cache(n, len(prompt_ids) + cfg.max_new_tokens, dtype=cache_dtype)
     tokens = torch.tensor([prompt_ids] * n, device=device)
     logits = model(tokens, 0, cache, n_heads=1)[:, -1, 0]
     pos, forwards = len(prompt_ids), 1
@@ -103,7 +109,7 @@ def generate(
             if not checker.done[row]:
                 out[row].append(int(nxt[row]))
                 checker.update(row, out[row])
-        if all(checker.done) or pos + 1 >= cache[0].k.shape[1]:
+        if (stop_early and all(checker.done)) or pos + 1 >= cache[0].k.shape[1]:
             break
         logits = model(nxt[:, None], pos, cache, n_heads=1)[:, -1, 0]
         pos += 1

@@ -1,4 +1,5 @@
-"""Checkpoint I/O: Meta consolidated.pth, sharded safetensors with SHA256SUMS, HF LLaMA import.
+"""Model files on disk: Meta consolidated.pth and this project's sharded safetensors model dirs
+with SHA256SUMS (Hugging Face LLaMA import and export: `model.hf`).
 
 The on-disk layout this project writes (a "model dir"):
 
@@ -11,8 +12,7 @@ The on-disk layout this project writes (a "model dir"):
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 __all__ = [
     "ChecksumError",
     "build_model",
-    "convert_hf_llama",
     "load_checkpoint_dir",
     "load_meta_checkpoint",
     "load_model_dir",
@@ -268,110 +267,3 @@ def load_model_dir(
         verify_sha256sums(model_dir)
     args = ModelArgs.from_params_json(model_dir / PARAMS_FILE)
     return args, load_safetensors(model_dir, dtype=dtype, device=device)
-
-
-# --- Hugging Face LLaMA import -------------------------------------------------------------
-
-_HF_LAYER_KEYS = {
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-_HF_TOP_KEYS = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def hf_config_to_args(config: dict) -> ModelArgs:
-    if config.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json model_type={config['model_type']!r}: only 'llama' converts")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"config.json rope scaling {rope!r} is not supported (only 'default')")
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise ValueError(f"config.json {key}=true is not supported: LLaMA has no biases")
-    n_heads = config["num_attention_heads"]
-    if config.get("head_dim", config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
-        raise ValueError(f"config.json head_dim={config['head_dim']} != hidden_size/heads")
-    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    return ModelArgs(
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        vocab_size=config["vocab_size"],
-        ffn_hidden_dim=config["intermediate_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        n_future_tokens=1,
-        max_seq_len=config.get("max_position_embeddings", 2048),
-    )
-
-
-def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undoes HF's q/k permutation (rotate-half layout back to Meta's interleaved pairs)."""
-    out_dim, in_dim = weight.shape
-    return (
-        weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim)
-        .transpose(1, 2)
-        .reshape(out_dim, in_dim)
-    )
-
-
-def _hf_weight_files(hf_dir: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = hf_dir / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [hf_dir / f for f in files]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (hf_dir / single).is_file():
-            return [hf_dir / single]
-    raise FileNotFoundError(f"no HF weights (*.safetensors / pytorch_model*.bin) in {hf_dir}")
-
-
-def _iter_hf_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118
-                    yield key, f.get_tensor(key)
-        else:
-            yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
-
-
-def convert_hf_llama(
-    hf_dir: str | Path, dtype: torch.dtype | None = None
-) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Converts a HF LlamaForCausalLM checkpoint dir into (ModelArgs, Meta-named state dict)."""
-    hf_dir = Path(hf_dir)
-    args = hf_config_to_args(json.loads((hf_dir / "config.json").read_text()))
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in _iter_hf_tensors(_hf_weight_files(hf_dir)):
-        if key.endswith("rotary_emb.inv_freq"):
-            continue
-        if key in _HF_TOP_KEYS:
-            state[_HF_TOP_KEYS[key]] = tensor
-            continue
-        match = _HF_LAYER_RE.match(key)
-        if not match or match.group(2) not in _HF_LAYER_KEYS:
-            raise KeyError(f"unexpected tensor {key!r} in HF checkpoint {hf_dir}")
-        layer, suffix = match.groups()
-        if suffix == "self_attn.q_proj.weight":
-            tensor = unpermute_rotary(tensor, args.n_heads)
-        elif suffix == "self_attn.k_proj.weight":
-            tensor = unpermute_rotary(tensor, args.kv_heads)
-        state[f"layers.{layer}.{_HF_LAYER_KEYS[suffix]}"] = tensor
-    if "output.weight" not in state:  # tie_word_embeddings
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return args, _cast(state, dtype)

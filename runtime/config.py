@@ -29,7 +29,8 @@ class S3Config:
     prefix: str = "wmtp"
     region: str = "us-east-1"
     endpoint_url: str | None = None
-    upload: bool = False
+    upload: bool = False  # mirror downloaded assets to the bucket
+    checkpoints: bool = False  # mirror training checkpoints and exports to s3://bucket/prefix/runs/
 
 
 @dataclass

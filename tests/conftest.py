@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,39 @@ def micro(tmp_path_factory, mbpp_path):
     root = tmp_path_factory.mktemp("micro")
     assets = build_micro_assets(root, mbpp_path)
     return root, assets, env_config(root / "config.yaml", root)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalS3(tuple):
+    """(endpoint, client) of a moto S3 server on 127.0.0.1, with `.server` to stop it early."""
+
+    def __new__(cls, endpoint: str, client, server):
+        local = super().__new__(cls, (endpoint, client))
+        local.server = server
+        return local
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket="wmtp-mirror")
+    yield LocalS3(f"http://127.0.0.1:{port}", client, server)
+    server.stop()

@@ -1,6 +1,6 @@
 """The fault matrix: every fault the tests inject, what WMTP does, the exit code and what survives.
 
-tests/test_reliability.py and tests/test_cli_errors.py run these cases by id; docs/reliability.md
+tests/test_reliability.py, tests/test_lifecycle.py and tests/test_cli_errors.py run these cases; docs/reliability.md
 is generated from this list (`python -m tests.fault_cases > docs/reliability.md`) and a test
 checks that it is up to date.
 """
@@ -79,6 +79,12 @@ FAULTS = [
     Fault("torn-checkpoint", "a checkpoint file corrupted on disk",
           "resume verifies the manifest (SHA256), skips it with a message, loads the previous one",
           "0", "the previous complete checkpoint"),
+    Fault("s3-outage", "S3 unreachable while checkpoints are mirrored (`s3.checkpoints: true`)",
+          "the background upload fails after retries; the run stops at the next step", "5",
+          "local checkpoints intact, report, MLflow run FAILED with the reason"),
+    Fault("s3-half-upload", "kill -9 while a checkpoint is uploading to S3, then resume on a clean disk",
+          "in S3 the manifest goes last: the half-uploaded checkpoint has none and is skipped",
+          "137, then 0", "the previous complete checkpoint in S3; losses identical"),
     Fault("kill-random", "kill -9 at random moments, resumed each time (slow test)",
           "each resume continues from the last complete checkpoint", "137…, then 0",
           "losses identical to an uninterrupted run"),
@@ -123,7 +129,7 @@ def render() -> str:
         "# Reliability: the fault matrix",
         "",
         "Generated from `tests/fault_cases.py` (`python -m tests.fault_cases > docs/reliability.md`);",
-        "each row is a test in `tests/test_reliability.py` or `tests/test_cli_errors.py` that",
+        "each row is a test in `tests/test_reliability.py`, `tests/test_lifecycle.py` or `tests/test_cli_errors.py` that",
         "injects the fault into a real run and checks what the row says.",
         "",
         "Exit codes: 0 done, 1 a failed check (prepare_assets) or a bug, 2 bad input, 3 stopped by",

@@ -19,7 +19,7 @@ FORBIDDEN = {
     "data": {"evaluation", "training", "weighting", "assets", "launch"},
     "runtime": {"model", "weighting", "data", "training", "evaluation", "assets", "launch"},
     "evaluation": {"training", "weighting", "assets", "launch"},
-    "training": {"evaluation", "assets", "launch"},
+    "training": {"assets", "launch"},  # evaluation: pass@1 during training (execution_eval.py)
 }
 
 

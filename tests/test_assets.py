@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -219,33 +218,6 @@ def test_gated_hub_without_token_says_so(tmp_path, monkeypatch):
         monkeypatch.setenv("HF_TOKEN", "hf_right")
         Fetcher(config, tmp_path / "cache").fetch(remote, tmp_path / "t.model")
         assert (tmp_path / "t.model").read_bytes() == b"x"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-    client.create_bucket(Bucket="wmtp-mirror")
-    yield f"http://127.0.0.1:{port}", client
-    server.stop()
 
 
 def test_s3_mirror_is_used_before_the_hub_and_resumes(s3, tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from model.weights import build_model, convert_hf_llama
+from model.hf import convert_hf_llama
+from model.weights import build_model
 
 SMALL = dict(dim=64, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, rope_theta=50000.0)
 

@@ -118,19 +118,18 @@ def critic_warnings(is_correct: np.ndarray, critic: CriticConfig, ev: float | No
 
 def run_stage1(
     state: TrainState,
-    model: Transformer,
-    value_head: ValueHead,
+    signals: Signals,
     optimizer: torch.optim.Optimizer,
     loader: TrainLoader,
     held_out: TrainLoader | None,
-    critic: CriticConfig,
     eval_batches: int,
-    signals: Signals,
     info: DistInfo,
     log: StepLog,
 ) -> list[str]:
-    """Stage 1 from `state.stage1_step` to `critic.stage1_steps`, then the explained variance on
-    `held_out` (once per run); returns the critic's warnings, also printed."""
+    """Stage 1 from `state.stage1_step` to `critic.stage1_steps` (the policy `signals.model` is
+    frozen, `signals.value_head` learns), then the explained variance on `held_out` (once per
+    run); returns the critic's warnings, also printed."""
+    model, value_head, critic = signals.model, signals.value_head, signals.critic
     while state.stage1_step < critic.stage1_steps:
         batch = loader.next_batch().to(info.device)
         loss = critic_stage1_step(

@@ -96,8 +96,12 @@ class TrainSection:
     nan_max_retries: int = 3
     lr_recovery_steps: int = 100  # clean steps after which a halved LR doubles back (0: never)
     oom_auto_shrink: bool = True
-    eval_every: int = 0
+    eval_every: int = 0  # steps between validation-loss evaluations (0: never)
     eval_batches: int = 8
+    eval_pass_every: int = 0  # steps between pass@1 evaluations on `eval_pass` problems (0: never)
+    early_stop_patience: int = (
+        0  # evaluations of checkpoint.best_metric without improvement (0: off)
+    )
     log_every: int = 1
 
     def validate(self, where: str) -> None:
@@ -147,6 +151,7 @@ class CheckpointSection:
     keep_last: int = 3
     resume: Literal["auto", "never"] = "auto"
     export_safetensors: bool = True
+    best_metric: Literal["val_loss", "pass@1"] = "val_loss"  # what picks `best`
     check_free_space: bool = True  # refuse a save that cannot fit, before writing anything
     periodic_save_failure: Literal["stop", "skip"] = "stop"  # skip: warn and train on
 
@@ -165,6 +170,40 @@ class TrackingSection:
     experiment: str | None = None  # default mtp/{algo}/{dataset}
     run_name: str | None = None
     sample_tokens: int = 48  # tokens shown with their weights in the run report
+    register: bool = True  # register the export in the MLflow model registry at the end
+    registry_name: str = "wmtp-{algo}"
+    release_note: str | None = None  # default: a summary of the run
+
+
+@dataclass
+class EvalPassSection:
+    """Held-out problems for pass@1 during training (`train.eval_pass_every`)."""
+
+    benchmark: Literal["tasks", "mbpp", "codecontests", "humaneval"] = "mbpp"
+    problems: str = (
+        ""  # tasks: the synthetic task JSONL; mbpp: mbpp.jsonl; codecontests: split file
+    )
+    split: str | None = None  # tasks: a processed split naming the task ids (validation.jsonl)
+    limit: int = 32
+    n_samples: int = 1
+    temperature: float = 0.0  # greedy; the protocol's sampling is 0.2 with top_p 0.95
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    timeout_s: float = 10.0
+    max_tests: int | None = None
+    condition: Literal["correct", "none"] = "correct"
+
+    def validate(self, where: str) -> None:
+        require(self.limit >= 1, key(where, "limit"), self.limit, "must be >= 1")
+        require(self.n_samples >= 1, key(where, "n_samples"), self.n_samples, "must be >= 1")
+        require(
+            self.max_new_tokens >= 1,
+            key(where, "max_new_tokens"),
+            self.max_new_tokens,
+            "must be >= 1",
+        )
+        require(self.temperature >= 0, key(where, "temperature"), self.temperature, "must be >= 0")
+        require(0 < self.top_p <= 1, key(where, "top_p"), self.top_p, "must be in (0, 1]")
 
 
 @dataclass
@@ -173,8 +212,8 @@ class FaultsSection:
     as the log does; `kill_at` names points where the process dies like `kill -9`:
     `step:N` (step N's backward done, before its update), `save:N` (step N's checkpoint shards
     written, not sealed), `sealed:N` (step N's checkpoint renamed into place, `latest`/`best`
-    not yet moved), `log:N` (between step N's history entry and its MLflow write), `export`
-    (the export half written)."""
+    not yet moved), `log:N` (between step N's history entry and its MLflow write), `upload:N`
+    (step N's checkpoint partly uploaded to S3), `export` (the export half written)."""
 
     nan_at_steps: list[int] = field(default_factory=list)  # NaN gradients during these steps
     nan_params_at_steps: list[int] = field(default_factory=list)  # a NaN parameter after the update
@@ -188,8 +227,13 @@ class FaultsSection:
     def validate(self, where: str) -> None:
         for point in self.kill_at:
             name, _, step = point.partition(":")
-            ok = (name in ("step", "save", "sealed", "log") and step.isdigit()) or point == "export"
-            require(ok, key(where, "kill_at"), point, "step:N, save:N, sealed:N, log:N or export")
+            named = name in ("step", "save", "sealed", "log", "upload") and step.isdigit()
+            require(
+                named or point == "export",
+                key(where, "kill_at"),
+                point,
+                "step:N, save:N, sealed:N, log:N, upload:N or export",
+            )
 
 
 @dataclass
@@ -201,6 +245,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    eval_pass: EvalPassSection = field(default_factory=EvalPassSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
 
     def validate(self, where: str) -> None:
@@ -210,6 +255,20 @@ class Recipe:
                 "model.reference",
                 self.model.reference,
                 "rho1-wmtp needs a reference model (or weighting.reference_source: precomputed)",
+            )
+        if self.checkpoint.best_metric == "pass@1":
+            require(
+                self.train.eval_pass_every > 0,
+                "checkpoint.best_metric",
+                "pass@1",
+                "needs train.eval_pass_every > 0 (and an eval_pass: problem set)",
+            )
+        if self.train.eval_pass_every > 0 and self.eval_pass.benchmark != "humaneval":
+            require(
+                bool(self.eval_pass.problems),
+                "eval_pass.problems",
+                self.eval_pass.problems,
+                f"set it to the {self.eval_pass.benchmark} problems for train.eval_pass_every",
             )
 
 

@@ -114,7 +114,9 @@ def sample_tokens_markdown(
     return weighted_tokens_markdown(pieces, [float(weights[0, p, 0]) for p in pos])
 
 
-def run_summary(state: TrainState, n_heads: int, export: Path | None) -> dict:
+def run_summary(
+    state: TrainState, n_heads: int, export: Path | None, registered: str | None = None
+) -> dict:
     """The report's metrics table: last logged values, first loss, steps and skips."""
     last = state.history[-1] if state.history else {}
     summary = {"steps": state.step, "skipped_steps": state.guard.skipped_steps}
@@ -138,8 +140,14 @@ def run_summary(state: TrainState, n_heads: int, export: Path | None) -> dict:
         summary["first_loss"] = float(losses[0])
     if state.stage1_explained_variance is not None:
         summary["stage1_explained_variance"] = state.stage1_explained_variance
+    if state.best_step is not None:
+        summary["best_step"] = state.best_step
+    if state.stop_reason:
+        summary["stopped"] = state.stop_reason
     if export:
         summary["export"] = str(export)
+    if registered:
+        summary["registered"] = registered
     return summary
 
 
@@ -154,6 +162,7 @@ def write_reports(
     export: Path | None,
     failure: tuple[str, str] | None,
     warnings: list[str] | None = None,
+    registered: str | None = None,
 ) -> Path:
     """reports/{run_id}.md, _history.json, _weights.svg, _token_weights.json, _recipe.yaml;
     each logged to MLflow. `failure` = (what went wrong, next action). Main rank only."""
@@ -179,7 +188,7 @@ def write_reports(
         reports / f"{run_id}.md",
         run_id,
         f"{recipe.run.name}: {algo}",
-        run_summary(state, n_heads, export),
+        run_summary(state, n_heads, export, registered),
         scrub_tree(to_dict(recipe)),
         sample,
         hist_name,
@@ -212,7 +221,9 @@ class RunReporter:
     tracker: Tracker
     warnings: list[str]
 
-    def __call__(self, failure=None, export: Path | None = None) -> Path:
+    def __call__(
+        self, failure=None, export: Path | None = None, registered: str | None = None
+    ) -> Path:
         failed = (failure.what, failure.next_action) if failure else None
         path = write_reports(
             self.out,
@@ -225,6 +236,7 @@ class RunReporter:
             export,
             failed,
             self.warnings,
+            registered,
         )
         self.tracker.end(
             "FAILED" if failure else "FINISHED", failure.what.splitlines()[0] if failure else None

@@ -157,3 +157,32 @@ def flops_per_token(model: nn.Module, args: ModelArgs, seq_len: int) -> float:
     )
     attention = 6 * args.n_layers * args.dim * seq_len
     return 6 * (blocks + args.n_future_tokens * args.dim * args.vocab_size) + attention
+
+
+def attach_signal_sources(
+    signals,
+    needs: tuple[str, ...],
+    recipe,
+    base: ModelArgs,
+    info: DistInfo,
+    use_fsdp: bool,
+    data_hash: str,
+):
+    """Loads what the weighter's signals come from into `signals`: the reference model (rho1,
+    online) or its precomputed CE (rho1, precomputed), the value head (critic). Returns the
+    value head's optimizer, or None."""
+    from training.critic_stage1 import build_value_head
+    from training.reference import ReferenceCEStore
+
+    w = recipe.weighting
+    if "ref_ce" in needs and w.reference_source == "online":
+        ref_args, ref_weights = load_reference_files(recipe.model, base)
+        signals.reference = build_training_model(
+            ref_args, ref_weights, info, signals.dtype, use_fsdp, False
+        )
+    if "ref_ce" in needs and w.reference_source == "precomputed":
+        signals.store = ReferenceCEStore(w.reference_ce_dir, data_hash)
+    if "td_error" in needs:
+        signals.value_head, optimizer = build_value_head(base.dim, w.critic, info.device)
+        return optimizer
+    return None

@@ -33,10 +33,37 @@ class TrainState:
     run_id: str | None = None
     best_val: float | None = None  # best value of checkpoint.best_metric so far
     best_step: int | None = None  # the checkpoint holding it
+    evals_since_best: int = 0  # evaluations of best_metric without improvement (early stopping)
+    stop_reason: str | None = None  # why the run ended before train.max_steps
     micro_batch_size: int | None = None  # after OOM shrinks
     loader: dict = field(default_factory=dict)  # TrainLoader.state_dict()
     guard: GuardState = field(default_factory=GuardState)
     history: list[dict] = field(default_factory=list)
+
+    def record_eval(self, metric: str, values: dict, step: int) -> bool:
+        """Notes an evaluation of `metric` (val_loss lower is better, pass@1 higher); True when
+        it is the best so far (then step becomes `best_step`)."""
+        if metric not in values:
+            return False
+        value = values[metric]
+        better = self.best_val is None or (
+            value < self.best_val if metric == "val_loss" else value > self.best_val
+        )
+        if better:
+            self.best_val, self.best_step, self.evals_since_best = value, step, 0
+        else:
+            self.evals_since_best += 1
+        return better
+
+    def patience_exhausted(self, patience: int, metric: str, step: int) -> bool:
+        """Early stopping: `patience` evaluations in a row without improvement (sets stop_reason)."""
+        if not patience or self.evals_since_best < patience:
+            return False
+        self.stop_reason = (
+            f"early stop at step {step}: {metric} did not improve for {self.evals_since_best} "
+            f"evaluations (best {self.best_val:.4g} at step {self.best_step})"
+        )
+        return True
 
     def state_dict(self) -> dict:
         state = asdict(self)

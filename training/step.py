@@ -15,6 +15,7 @@ from model.transformer import Transformer
 from training.distributed import DistInfo, all_gather_values, all_reduce_sum
 from training.loss import MTPLossResult, autocast, chunked_head_ce
 from training.parallel import all_reduce_replicated_grads, clip_grad_norm, replicated_parameters
+from training.recipe import TrainSection
 from training.signals import Signals
 from weighting import WeightingConfig, weight_stats
 from weighting.registry import Weighter
@@ -134,6 +135,32 @@ class StepTotals:
         return weight_stats(values, everything, lo, hi, hist_max=config.max_weight)
 
 
+def step_metrics(
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    tokens: float,
+    seconds: float,
+    flops_per_token: float,
+    peak_flops: float,
+    head_ce: list[float],
+    *extra: dict,
+) -> dict[str, float]:
+    """The step's logged numbers: loss, LR, gradient norm, throughput and MFU, CE per head, and
+    the `extra` dicts (weight statistics, score diagnostics)."""
+    metrics = {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / seconds,
+        "step_time_s": seconds,
+        "mfu": flops_per_token * tokens / seconds / peak_flops,
+    }
+    for more in extra:
+        metrics |= more
+    return metrics | {f"ce_head{k}": ce for k, ce in enumerate(head_ce)}
+
+
 def clip_gradients(model: nn.Module, max_norm: float, use_fsdp: bool) -> float:
     """Averages the replicated heads' gradients over ranks (FSDP), then clips the global norm."""
     if use_fsdp:
@@ -149,13 +176,14 @@ def is_finite(*values: float) -> bool:
 def validation_loss(
     model: Transformer,
     loader: TrainLoader,
-    n_batches: int,
-    chunk: int,
+    train: TrainSection,
     dtype: torch.dtype,
     info: DistInfo,
     isolate_samples: bool = False,
 ) -> dict[str, float]:
-    """Unweighted CE per head over `n_batches` validation batches (all ranks), head 0 = val_loss."""
+    """Unweighted CE per head over `train.eval_batches` validation batches (all ranks), head 0 =
+    val_loss."""
+    n_batches, chunk = train.eval_batches, train.ce_chunk_size
     n_heads = loader.config.n_heads
     sums, counts = [0.0] * n_heads, [0.0] * n_heads
     model.eval()
