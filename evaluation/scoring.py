@@ -44,7 +44,7 @@ def check_completion(
         return Verdict(r.passed, r.status, r.seconds, detail=_tail(r))
     seconds, all_exact = 0.0, True
     for i, (stdin, expected) in enumerate(problem.io_tests):
-        r = sandbox.run(completion, stdin=stdin)
+        r = sandbox.run(completion, stdin=stdin, io=True)
         seconds += r.seconds
         if not r.passed:
             return Verdict(False, r.status, seconds, False, f"test {i}: {_tail(r)}")
