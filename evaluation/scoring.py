@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from evaluation.generation import SamplingConfig, generate, speculative_greedy
+from evaluation.generation import SamplingConfig, SpeculationStats, generate
 from evaluation.metrics import mean_pass_at_k
 from evaluation.sandbox import ExecResult, Sandbox
 from evaluation.tasks import Problem, function_program, outputs_match
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from runtime.integrity import atomic_write_text
+from runtime.progress import Progress
 
 METRIC_NAMES = {
     "mbpp": "mbpp",
@@ -73,45 +74,63 @@ def evaluate_problems(
     use_reference: bool = False,
     contest_compare: str = "tolerant",
     progress: bool = True,
+    plain_baseline: int = 0,
 ) -> tuple[list[dict], dict]:
     """Samples `n_samples` completions per problem (or takes the reference solution when
-    `use_reference`), executes them in parallel, and returns (per-sample rows, statistics)."""
-    if speculative and not sampling.greedy:
-        raise ValueError("--speculative decodes greedily: use --temperature 0")
+    `use_reference`), executes them in parallel while decoding goes on, and returns (per-sample
+    rows, statistics). With `speculative`, the first `plain_baseline` problems are decoded plainly
+    too, to report both speeds on the same prompts."""
     generator = torch.Generator().manual_seed(seed)
-    rows, futures = [], []
-    gen_tokens, gen_seconds, accepted = 0, 0.0, []
+    benchmark = problems[0].benchmark if problems else "?"
+    decoding = Progress(f"[eval] {benchmark} decode", len(problems), "problems", enabled=progress)
+    executing = Progress(
+        f"[eval] {benchmark} execute", len(problems) * n_samples, "programs", enabled=progress
+    )
+    spec, plain = (
+        SpeculationStats(),
+        {"tokens": 0, "seconds": 0.0, "spec_tokens": 0, "spec_seconds": 0.0},
+    )
+    rows, futures, gen_tokens, gen_seconds = [], [], 0, 0.0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for index, problem in enumerate(problems):
             if use_reference:
                 completions = [(problem.reference, 0)] * n_samples
             else:
-                prompt_ids = [tokenizer.bos_id, *tokenizer.encode(problem.prompt)]
-                if speculative:
-                    gen, acc = speculative_greedy(
-                        model, tokenizer, prompt_ids, sampling, problem.stop
-                    )
-                    gens = [gen] * n_samples
-                    accepted += acc
-                else:
-                    gens = generate(
-                        model, tokenizer, prompt_ids, n_samples, sampling, problem.stop, generator
-                    )
-                gen_seconds += gens[0].seconds
-                gen_tokens += (
-                    sum(len(g.tokens) for g in gens) if not speculative else len(gens[0].tokens)
+                prompt = [tokenizer.bos_id, *tokenizer.encode(problem.prompt)]
+                gens = generate(
+                    model,
+                    tokenizer,
+                    [prompt] * n_samples,
+                    sampling,
+                    problem.stop,
+                    generator,
+                    speculative=speculative,
+                    stats=spec,
                 )
+                tokens = sum(len(g.tokens) for g in gens)
+                gen_seconds, gen_tokens = gen_seconds + gens[0].seconds, gen_tokens + tokens
+                if speculative and index < plain_baseline:
+                    baseline = generate(
+                        model,
+                        tokenizer,
+                        [prompt] * n_samples,
+                        sampling,
+                        problem.stop,
+                        torch.Generator().manual_seed(seed + index),
+                    )
+                    plain["tokens"] += sum(len(g.tokens) for g in baseline)
+                    plain["seconds"] += baseline[0].seconds
+                    plain["spec_tokens"] += tokens
+                    plain["spec_seconds"] += gens[0].seconds
                 completions = [(g.text, len(g.tokens)) for g in gens]
             for sample, (text, n_tokens) in enumerate(completions):
                 future: Future = pool.submit(
                     check_completion, problem, text, sandbox, contest_compare
                 )
+                future.add_done_callback(lambda _: executing.update())
                 futures.append((problem, sample, text, n_tokens, future))
-            if progress and (index + 1) % 20 == 0:
-                print(
-                    f"[eval] {problems[0].benchmark}: {index + 1}/{len(problems)} problems queued",
-                    flush=True,
-                )
+            rate = f"{gen_tokens / gen_seconds:.0f} tokens/s" if gen_seconds else ""
+            decoding.update(extra=rate)
         for problem, sample, text, n_tokens, future in futures:
             verdict = future.result()
             rows.append(
@@ -129,8 +148,12 @@ def evaluate_problems(
         "gen_seconds": gen_seconds,
         "tokens_per_s": gen_tokens / gen_seconds if gen_seconds else None,
     }
-    if accepted:
-        stats["mean_accepted_per_forward"] = sum(accepted) / len(accepted)
+    if speculative and spec.verifies:
+        stats |= {"spec_tokens_per_forward": spec.tokens_per_forward, **spec.acceptance()}
+        if plain["seconds"]:
+            stats["plain_tokens_per_s"] = plain["tokens"] / plain["seconds"]
+            stats["spec_tokens_per_s"] = plain["spec_tokens"] / plain["spec_seconds"]
+            stats["spec_speedup"] = stats["spec_tokens_per_s"] / stats["plain_tokens_per_s"]
     return rows, stats
 
 
@@ -158,8 +181,17 @@ def metrics_for_mlflow(benchmark: str, summary: dict) -> dict[str, float]:
         metrics["mbpp_exact"] = summary["first_sample_pass_rate"]
     if summary.get("tokens_per_s"):
         metrics[f"{name}_gen_tokens_per_s"] = summary["tokens_per_s"]
-    if "mean_accepted_per_forward" in summary:
-        metrics[f"{name}_spec_accepted_per_forward"] = summary["mean_accepted_per_forward"]
+    for key in (
+        "spec_tokens_per_forward",
+        "spec_tokens_per_s",
+        "plain_tokens_per_s",
+        "spec_speedup",
+    ):
+        if summary.get(key) is not None:
+            metrics[f"{name}_{key}"] = summary[key]
+    metrics.update(
+        {f"{name}_{k}": v for k, v in summary.items() if k.startswith("spec_accept_pos")}
+    )
     return metrics
 
 

@@ -45,7 +45,7 @@ def run_facts(run: Path) -> dict:
         "greedy_tokens_per_s": greedy.get("tokens_per_s"),
         "spec_tokens_per_s": spec.get("tokens_per_s"),
         "spec_identical": _same_completions(run / "eval-greedy", run / "eval-speculative"),
-        "spec_accepted": spec.get("mean_accepted_per_forward"),
+        "spec_accepted": spec.get("spec_tokens_per_forward"),
         "spec_pass@1": spec.get("pass@k", {}).get("pass@1"),
         "weights_svg": _latest(reports, "*_weights.svg"),
         "token_weights": _read(_latest(reports, "*_token_weights.json") or Path("/nonexistent")),

@@ -60,7 +60,8 @@ class KVCache:
     """Keys and values of one attention layer for incremental decoding.
 
     Positions are written in place, so rolling back (speculative decoding) is just calling with
-    an earlier `start_pos`.
+    an earlier `start_pos`. `start_pos` may be a (bsz,) tensor: every row writes at its own
+    position (rows that accepted different numbers of drafted tokens).
     """
 
     def __init__(
@@ -77,17 +78,27 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(
-        self, start_pos: int, k: torch.Tensor, v: torch.Tensor
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         bsz, seqlen = k.shape[:2]
-        end = start_pos + seqlen
+        end = (
+            int(start_pos.max()) + seqlen
+            if isinstance(start_pos, torch.Tensor)
+            else start_pos + seqlen
+        )
         if end > self.k.shape[1] or bsz > self.k.shape[0]:
             raise ValueError(
                 f"KV cache holds batch {self.k.shape[0]} x {self.k.shape[1]} positions; "
                 f"asked for batch {bsz} up to position {end}"
             )
-        self.k[:bsz, start_pos:end] = k
-        self.v[:bsz, start_pos:end] = v
+        if isinstance(start_pos, torch.Tensor):
+            rows = torch.arange(bsz, device=k.device)[:, None]
+            slots = start_pos[:, None] + torch.arange(seqlen, device=k.device)
+            self.k[rows, slots] = k
+            self.v[rows, slots] = v
+        else:
+            self.k[:bsz, start_pos:end] = k
+            self.v[:bsz, start_pos:end] = v
         return self.k[:bsz, :end], self.v[:bsz, :end]
 
 
@@ -106,7 +117,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -118,6 +129,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
+        if mask is None and isinstance(start_pos, torch.Tensor):  # every row at its own position
+            queries = start_pos[:, None] + torch.arange(seqlen, device=x.device)
+            mask = (torch.arange(k.shape[1], device=x.device) <= queries[..., None])[:, None]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         masking = (
             causal_mask_kwargs(seqlen, k.shape[2], x.device)
@@ -187,7 +201,7 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -262,10 +276,17 @@ class Transformer(nn.Module):
         ]
 
     def _layout(
-        self, start_pos: int, seqlen: int, device: torch.device, segment_ids: torch.Tensor | None
+        self,
+        start_pos: int | torch.Tensor,
+        seqlen: int,
+        device: torch.device,
+        segment_ids: torch.Tensor | None,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """RoPE tables and attention mask: positions start_pos.. with causal attention, or, with
         `segment_ids`, positions restarting at 0 in each segment and attention inside it only."""
+        if isinstance(start_pos, torch.Tensor):  # per-row positions (batched speculative decoding)
+            positions = start_pos[:, None] + torch.arange(seqlen, device=device)
+            return rotary_tables(positions, self.args.head_dim, self.args.rope_theta), None
         if segment_ids is None:
             positions = torch.arange(start_pos, start_pos + seqlen, device=device)
             return rotary_tables(positions, self.args.head_dim, self.args.rope_theta), None
@@ -278,7 +299,7 @@ class Transformer(nn.Module):
     def trunk(
         self,
         tokens: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: list[KVCache] | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -297,7 +318,7 @@ class Transformer(nn.Module):
         self,
         h_trunk: torch.Tensor,
         head: int,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: list[KVCache] | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -312,7 +333,7 @@ class Transformer(nn.Module):
         self,
         h_trunk: torch.Tensor,
         head: int,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: list[KVCache] | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -322,7 +343,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         cache: list[KVCache] | None = None,
         n_heads: int | None = None,
         return_trunk: bool = False,

@@ -76,8 +76,16 @@ class PassAtOne:
         for problem in self.problems:
             ids = [self.tokenizer.bos_id, *self.tokenizer.encode(problem.prompt)]
             with autocast(self.info.device, self.dtype):
-                gens = generate(model, self.tokenizer, ids, self.section.n_samples, self.sampling, problem.stop,
-                                generator, stop_early=not self.info.enabled, cache_dtype=self.dtype)  # fmt: skip
+                gens = generate(
+                    model,
+                    self.tokenizer,
+                    [ids] * self.section.n_samples,
+                    self.sampling,
+                    problem.stop,
+                    generator,
+                    stop_early=not self.info.enabled,
+                    cache_dtype=self.dtype,
+                )
             completions += [(problem, g.text) for g in gens]
         model.train()
         score = torch.zeros(1, dtype=torch.float64, device=self.info.device)
