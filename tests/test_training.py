@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,30 @@ def test_every_token_head_weight_moves_the_gradient_by_its_own_ce_gradient():
         assert torch.equal(grads(bumped), base), (b, t, k)
 
 
+def test_vocabulary_projection_runs_only_at_target_positions_and_a_batch_without_targets_still_backprops():
+    torch.manual_seed(2)
+    args = ModelArgs(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
+                     n_future_tokens=4)  # fmt: skip
+    model = Transformer(args)
+    tokens, labels = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16, 4))
+    labels[:, :10] = IGNORE_INDEX  # a long prompt
+    rows = []
+    hook = model.output.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    weights = (labels != IGNORE_INDEX).float()
+    result = mtp_loss_backward(
+        model, model(tokens, return_trunk=True), labels, weights, [1.0] * 4, [12.0] * 4, chunk=3
+    )
+    assert rows == [6, 6] * 4 and result.ce_count == [12] * 4  # 2 rows × 3 per chunk
+    model.zero_grad()
+    labels[:] = IGNORE_INDEX  # nothing to predict: the trunk's backward still runs (FSDP ranks
+    trunk = model(tokens, return_trunk=True)  # reduce gradients together), with zeros
+    result = mtp_loss_backward(model, trunk, labels, labels.float() * 0, [1.0] * 4, [1.0] * 4, 3)
+    hook.remove()
+    assert result.loss == 0 and result.ce_count == [0] * 4
+    grad = model.layers[0].attention.wq.weight.grad
+    assert grad is not None and not grad.any()
+
+
 def test_token_scores_are_shared_by_every_head_predicting_the_token():
     torch.manual_seed(0)
     args = ModelArgs(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
@@ -208,9 +233,14 @@ def test_overrides_on_the_command_line(micro, tmp_path):
 
 # ------------------------------------------------------------ smoke runs
 @pytest.mark.parametrize("algo", ["baseline", "rho1-wmtp", "critic-wmtp"])
-def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo):
+def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo, capsys):
     code, out = run_train(micro, algo, tmp_path, train={"max_steps": 100, "log_every": 50})
     assert code == 0
+    printed = capsys.readouterr().out  # progress: first step (early rate) and the last, ETA
+    assert re.search(r"^\[train\] 1/100 steps, .* tokens/s$", printed, re.M)
+    assert re.search(r"^\[train\] 100/100 steps, [\d.]+ steps/s, .* \| loss ", printed, re.M)
+    if algo == "critic-wmtp":
+        assert "[critic stage 1] 20/20 steps" in printed
     steps = [h for h in history(out) if h.get("stage") == "step"]
     assert len(steps) == 100
     first = sum(h["ce_head0"] for h in steps[:10]) / 10

@@ -3,9 +3,13 @@
     h = trunk(x)                       (computed by the caller, graph kept)
     for head k:                        (h detached, grads collected in h_d.grad)
         z_k = head_k(h_d)              (graph kept until this head's backward)
-        for each sequence chunk c:     logits_c = output(z_k[c]) → λ_k · Σ w·CE / N_k → backward
+        for each chunk c of the positions that have a target:
+            logits_c = output(z_k[c]) → λ_k · Σ w·CE / N_k → backward
         z_k.backward(z_k_d.grad)
     h.backward(h_d.grad)
+
+The vocabulary projection runs only at positions with a target (a prompt's positions have none,
+and in instruction data they are most of the row), `chunk` rows per sequence row at a time.
 
 Loss = Σ_k λ_k · Σ_t w_{t,k} CE_{t,k} / N_k, where N_k counts head k's target tokens over the
 whole optimizer step (all micro-batches, all ranks), so accumulation and data parallelism give
@@ -44,25 +48,34 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token CE in float32 (bsz, n); 0 where the label is IGNORE_INDEX."""
+    """Per-token CE in float32, shaped like `labels`; 0 where the label is IGNORE_INDEX."""
     ce = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     )
     return ce.view(labels.shape)
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into bsz·seq) of the positions whose label is a target."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 @torch.no_grad()
 def chunked_head_ce(
     model: Transformer, hidden: torch.Tensor, labels: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """CE of one head for every position (bsz, seq), built chunk by chunk."""
-    return torch.cat(
-        [
-            token_ce(model.output(hidden[:, s:e]), labels[:, s:e])
-            for s, e in chunk_bounds(hidden.shape[1], chunk)
-        ],
-        dim=1,
-    )
+    """CE of one head (bsz, seq), 0 where there is no target; the vocabulary projection runs
+    only at target positions, `chunk` × bsz of them at a time."""
+    ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    rows = target_positions(labels)
+    flat_hidden, flat_labels, flat_ce = hidden.flatten(0, 1), labels.reshape(-1), ce.view(-1)
+    for s, e in chunk_bounds(rows.numel(), chunk * labels.shape[0]):
+        at = rows[s:e]
+        flat_ce[at] = token_ce(model.output(flat_hidden[at]), flat_labels[at])
+    return ce
 
 
 def mtp_loss_backward(
@@ -99,13 +112,17 @@ def mtp_loss_backward(
         with autocast(trunk.device, compute_dtype):
             z = model.head_hidden(h_d, k, segment_ids=segment_ids)
         z_d = z.detach().requires_grad_(True)
-        ce_sum, count = 0.0, int((labels_k != IGNORE_INDEX).sum())
-        for s, e in chunk_bounds(trunk.shape[1], chunk):
+        rows = target_positions(labels_k)
+        flat_z, flat_labels = z_d.flatten(0, 1), labels_k.reshape(-1)
+        flat_weights = weights[..., k].reshape(-1)
+        ce_sum, count = 0.0, rows.numel()
+        scale = lam * loss_scale / max(n_targets[k], 1.0)
+        for s, e in chunk_bounds(count, chunk * labels.shape[0]):
+            at = rows[s:e]
             with autocast(trunk.device, compute_dtype):
-                logits = model.output(z_d[:, s:e])
-            ce = token_ce(logits, labels_k[:, s:e])
-            scale = lam * loss_scale / max(n_targets[k], 1.0)
-            chunk_loss = (weights[:, s:e, k] * ce).sum() * scale
+                logits = model.output(flat_z[at])
+            ce = token_ce(logits, flat_labels[at])
+            chunk_loss = (flat_weights[at] * ce).sum() * scale
             if lam > 0 and chunk_loss.requires_grad:
                 chunk_loss.backward()
             result.loss += chunk_loss.item() / loss_scale
@@ -114,8 +131,9 @@ def mtp_loss_backward(
         result.ce_count.append(count)
         if z_d.grad is not None:
             z.backward(z_d.grad)
-    if h_d.grad is not None:
-        trunk.backward(h_d.grad)
+    # always a backward through the trunk: sharded blocks reduce gradients collectively, so a
+    # rank whose micro-batch has no target at all must still take part (with zero gradients)
+    trunk.backward(h_d.grad if h_d.grad is not None else torch.zeros_like(trunk))
     return result
 
 
