@@ -249,6 +249,10 @@ def _speculative(
         replace_from = torch.where(rejected[:, None], residual(p_last, q_next), p_last)
         next_verified = draw(replace_from, generator)
         _count(local, accepted, width, checker, pos.device)
+        active = torch.tensor(  # a finished row keeps its position (and its cache bound)
+            [not checker.done[r] and len(out[r]) < cfg.max_new_tokens for r in range(n)],
+            device=pos.device,
+        )
         for row in range(n):
             for token in candidates[row, : int(accepted[row])].tolist():
                 if checker.done[row] or len(out[row]) >= cfg.max_new_tokens:
@@ -260,7 +264,7 @@ def _speculative(
         verified, drafts, q = _propose(
             model, [z[rows, last] for z in heads], cfg, generator, next_verified
         )
-        pos = pos + accepted
+        pos = pos + accepted * active
     seconds = time.perf_counter() - start
     if stats is not None:
         stats.add(local)

@@ -125,6 +125,23 @@ def test_stop_sequences_eos_and_budget_behave_as_in_plain_decoding(llama_tiny):
         assert all(len(g.tokens) <= budget for g in b)
 
 
+def test_a_row_that_stopped_early_waits_while_the_others_decode_their_whole_budget():
+    """A stopped row keeps its place: it never walks past the KV cache while the batch goes on
+    (regression: it advanced by ≥ 1 position per forward and overflowed the cache)."""
+    model = tiny_mtp(vocab=12, seed=9)
+    digits = DigitTokenizer(eos_id=3)
+    prompts = [[0, 1], [0, 2], [0, 5], [0, 6], [0, 7]]
+    for temperature in (0.0, 1.0):
+        cfg = SamplingConfig(temperature=temperature, top_p=1.0, max_new_tokens=60)
+        spec = generate(model, digits, prompts, cfg, stop=["77"], speculative=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+        lengths = [len(g.tokens) for g in spec]
+        assert min(lengths) < 30 and max(lengths) == 60, lengths  # the case under test
+        if temperature == 0:
+            plain = generate(model, digits, prompts, cfg, stop=["77"])
+            assert [g.tokens for g in spec] == [g.tokens for g in plain]
+
+
 # ------------------------------------------------------------------------ sampling
 def test_the_accept_or_replace_step_reproduces_p_exactly():
     """For any p and q: P(out = x) = q(x)·min(1, p(x)/q(x)) + P(reject)·residual(p, q)(x) = p(x)."""
