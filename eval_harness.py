@@ -30,6 +30,7 @@ from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
 from runtime.cli import ArgumentParser, entry_point, positive_ints
 from runtime.config import load_env_config
+from runtime.integrity import atomic_write_text
 from runtime.precision import DTYPE_NAMES, resolve_precision
 from runtime.schema import ConfigError
 from runtime.tracking import Tracker
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[eval] {task}: {json.dumps(summary['pass@k'])} statuses={summary['statuses']}",
             flush=True,
         )
-    (out_dir / "summary.json").write_text(json.dumps(all_summaries, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(all_summaries, indent=2) + "\n")
     if tracker.active:
         tracker.start(
             "mtp/eval",

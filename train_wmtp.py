@@ -189,6 +189,7 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
         # ---------------------------------------------------------- optimizer steps
         rows_per_step = r.data.micro_batch_size * r.train.grad_accum  # kept through OOM shrinks
         micro_batch = state.micro_batch_size or r.data.micro_batch_size
+        log.start_stage("[train]", r.train.max_steps, state.step)
         while state.step < r.train.max_steps:
             step, start, cursor = state.step + 1, time.perf_counter(), loader.state_dict()
             try:
@@ -321,6 +322,8 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
         failure = exc
     except StorageError as exc:
         failure = storage_failure(exc)
+    finally:
+        log.close()
 
     # ------------------------------------------------------------- export and report
     export, registered = None, None

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ from pathlib import Path
 
 from runtime.config import EnvConfig
 from runtime.integrity import ChecksumError, sha256_file
+from runtime.progress import Progress
 from runtime.s3 import s3_client
 
 CHUNK = 1 << 20
@@ -54,26 +53,9 @@ class RemoteFile:
         return f"{base_url.rstrip('/')}/{kind}{self.repo}/resolve/{revision}/{self.path}"
 
 
-class Progress:
-    """One line of progress per file, rewritten in place on a terminal."""
-
-    def __init__(self, label: str, total: int | None, start: int = 0):
-        self.label, self.total, self.done = label, total, start
-        self.t0, self.last = time.perf_counter(), 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last > 1.0 or (self.total and self.done >= self.total):
-            self.last = now
-            pct = f"{100 * self.done / self.total:5.1f}%" if self.total else ""
-            rate = self.done / max(now - self.t0, 1e-9) / 2**20
-            end = "\r" if sys.stdout.isatty() else "\n"
-            print(
-                f"  {self.label}: {self.done / 2**20:8.1f} MiB {pct} {rate:6.1f} MiB/s",
-                end=end,
-                flush=True,
-            )
+def transfer_progress(label: str, total: int | None, start: int = 0) -> Progress:
+    """Bytes of one download: MiB done/total, MiB/s, ETA, a line every 10 s (live on a tty)."""
+    return Progress(f"  {label}", total, "MiB", done=start, scale=2**20)
 
 
 @contextlib.contextmanager
@@ -163,7 +145,7 @@ class Fetcher:
             extra = {"Range": f"bytes={have}-"} if have else {}
             body = client.get_object(Bucket=s3.bucket, Key=key, **extra)["Body"]
             with open(part, "ab") as out:
-                _copy_stream(body.read, out, Progress(f"s3 {f.name}", total, have))
+                _copy_stream(body.read, out, transfer_progress(f"s3 {f.name}", total, have))
         _check_complete(part, total)
         return f"s3://{s3.bucket}/{key}" + (f" (resumed at {have} bytes)" if have else "")
 
@@ -195,7 +177,7 @@ class Fetcher:
             length = response.headers.get("Content-Length")
             total = have + int(length) if length else None
             with open(part, "ab") as out:
-                _copy_stream(response.read, out, Progress(f"hub {f.name}", total, have))
+                _copy_stream(response.read, out, transfer_progress(f"hub {f.name}", total, have))
         _check_complete(part, total)
         return url + (f" (resumed at {have} bytes)" if resumed else "")
 

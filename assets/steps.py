@@ -285,7 +285,7 @@ class MetaConvertStep(Step):
             args,
             state,
             metadata={"source": ctx.config.assets.meta.repo},
-            progress=ctx.log,
+            progress="  write safetensors",
         )
         copy_file(raw / "params.json", root / "configs" / "params.json")
         adapter = {
@@ -350,7 +350,7 @@ class ReferenceConvertStep(Step):
             args,
             state,
             metadata={"source": ctx.config.assets.reference.repo},
-            progress=ctx.log,
+            progress="  write safetensors",
         )
         copy_file(raw / "config.json", root / "configs" / "config.json")
         copy_file(raw / "tokenizer.model", root / "tokenizer" / "tokenizer.model")

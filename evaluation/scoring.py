@@ -82,7 +82,9 @@ def evaluate_problems(
     too, to report both speeds on the same prompts."""
     generator = torch.Generator().manual_seed(seed)
     benchmark = problems[0].benchmark if problems else "?"
-    decoding = Progress(f"[eval] {benchmark} decode", len(problems), "problems", enabled=progress)
+    decoding = Progress(
+        f"[eval] {benchmark} decode", len(problems), "problems", enabled=progress, heartbeat=True
+    )
     executing = Progress(
         f"[eval] {benchmark} execute", len(problems) * n_samples, "programs", enabled=progress
     )
@@ -91,7 +93,7 @@ def evaluate_problems(
         {"tokens": 0, "seconds": 0.0, "spec_tokens": 0, "spec_seconds": 0.0},
     )
     rows, futures, gen_tokens, gen_seconds = [], [], 0, 0.0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with decoding, executing, ThreadPoolExecutor(max_workers=workers) as pool:
         for index, problem in enumerate(problems):
             if use_reference:
                 completions = [(problem.reference, 0)] * n_samples

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from runtime.cli import ArgumentParser, entry_point
 from runtime.integrity import atomic_write_text
+from runtime.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -303,11 +304,16 @@ def label_by_running(tasks: list[dict], workers: int = 2) -> None:
         for t in tasks
         for s in t["solutions"]
     ]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for solution, result in zip(
-            (j[0] for j in jobs), pool.map(lambda j: sandbox.run(j[1]), jobs), strict=True
-        ):
-            solution["is_correct"] = result.passed
+
+    def label(job: tuple[dict, str]) -> None:
+        job[0]["is_correct"] = sandbox.run(job[1]).passed
+        progress.update()
+
+    with (
+        Progress("  labelled", len(jobs), "solutions") as progress,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        list(pool.map(label, jobs))
 
 
 def write_tasks(path: Path, variants: int = 8, seed: int = 0, workers: int = 2) -> dict:

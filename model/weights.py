@@ -12,7 +12,6 @@ The on-disk layout this project writes (a "model dir"):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from runtime.integrity import (
     verify_sha256sums,
     write_sha256sums,
 )
+from runtime.progress import Progress
 
 META_IGNORED_KEYS = frozenset({"rope.freqs"})
 PARAMS_FILE = "params.json"
@@ -171,12 +171,12 @@ def save_safetensors(
     out_dir: str | Path,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: str | None = None,
 ) -> list[str]:
     """Writes `state` as one or more safetensors files (atomically) plus the index json.
 
     Only one shard's tensors are materialised at a time, so memory-mapped inputs stream through.
-    `progress` is called with a line per shard written. Returns the file names written.
+    With a `progress` label, shows MiB written, rate and ETA. Returns the file names written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,16 +187,18 @@ def save_safetensors(
         else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     )
     weight_map = {}
-    for filename, keys in zip(names, groups, strict=True):
-        tensors = {k: state[k].detach().contiguous().clone() for k in keys}
-        with atomic_path(out_dir / filename) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        weight_map.update(dict.fromkeys(keys, filename))
-        if progress:
-            size = sum(t.numel() * t.element_size() for t in tensors.values())
-            progress(f"  wrote {filename} ({len(tensors)} tensors, {size / 2**30:.2f} GiB)")
-        del tensors
     total = sum(t.numel() * t.element_size() for t in state.values())
+    written = Progress(
+        progress or "", total, "MiB", scale=2**20, heartbeat=True, enabled=progress is not None
+    )
+    with written:
+        for filename, keys in zip(names, groups, strict=True):
+            tensors = {k: state[k].detach().contiguous().clone() for k in keys}
+            with atomic_path(out_dir / filename) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+            weight_map.update(dict.fromkeys(keys, filename))
+            written.update(sum(t.numel() * t.element_size() for t in tensors.values()), filename)
+            del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     atomic_write_text(out_dir / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return [*names, INDEX_FILE]
@@ -238,7 +240,7 @@ def save_model_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
     extra_files: dict[str, Path] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: str | None = None,
 ) -> list[str]:
     """params.json + safetensors (+ copies of `extra_files`, e.g. tokenizer.model) + SHA256SUMS.
 

@@ -70,3 +70,53 @@ def line_chart_svg(series: dict[str, list[tuple[float, float]]], title: str) -> 
         )
         legend.append((name, color))
     return _frame(title, body + _axis_labels(x0, x1, y0, y1), legend)
+
+
+def interval_chart_svg(groups: dict[str, dict[str, dict]], title: str) -> str:
+    """Grouped bars with 95% intervals: groups (benchmarks) → series (experiments) →
+    {"mean", "ci_low", "ci_high"}, values in [0, 1]."""
+    names = list(dict.fromkeys(n for series in groups.values() for n in series))
+    colors = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+    top = max(
+        [
+            1e-9,
+            *(
+                v["ci_high"]
+                for s in groups.values()
+                for v in s.values()
+                if v["ci_high"] == v["ci_high"]
+            ),
+        ]
+    )
+    slot = (_W - _PAD - 8) / max(len(groups), 1)
+    bar = slot * 0.8 / max(len(names), 1)
+    scale = (_H - _PAD - 24) / top
+    body = []
+    for g, (group, series) in enumerate(groups.items()):
+        x0 = _PAD + g * slot + slot * 0.1
+        body.append(
+            f'<text x="{x0 + slot * 0.4:.1f}" y="{_H - _PAD + 14}" text-anchor="middle" '
+            f'font-family="sans-serif" font-size="10">{escape(group)}</text>'
+        )
+        for i, name in enumerate(names):
+            v = series.get(name)
+            if v is None or v["mean"] != v["mean"]:
+                continue
+            x = x0 + i * bar
+            h = v["mean"] * scale
+            body.append(
+                f'<rect x="{x:.1f}" y="{_H - _PAD - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[name]}"/>'
+            )
+            cx, lo, hi = (
+                x + bar * 0.45,
+                _H - _PAD - v["ci_low"] * scale,
+                _H - _PAD - v["ci_high"] * scale,
+            )
+            body.append(
+                f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}" stroke="black"/>'
+            )
+            for y in (lo, hi):
+                body.append(
+                    f'<line x1="{cx - 3:.1f}" y1="{y:.1f}" x2="{cx + 3:.1f}" y2="{y:.1f}" stroke="black"/>'
+                )
+    return _frame(title, body + _axis_labels(0, 0, 0, top)[2:], [(n, colors[n]) for n in names])

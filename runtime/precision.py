@@ -8,8 +8,11 @@ the benchmarks) resolves its dtype here and prints the choice with its reason.
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,13 +40,30 @@ def cpu_capability() -> str:
     return " + ".join(parts)
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name and what it offers for bf16, e.g. 'AMD EPYC 7B13 (AVX2)'."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} ({cpu_capability()}, {cores} cores)"
+
+
 def _probe(name: str) -> bool:
     check = getattr(torch.cpu, name, None)
     return bool(check()) if check is not None else False
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX tiles)."""
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX tiles) and PyTorch's
+    kernels use it: an AVX512 kernel level (ATEN_CPU_CAPABILITY=avx2 caps it below)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     return _probe("_is_avx512_bf16_supported") or _probe("_is_amx_tile_supported")
 
 

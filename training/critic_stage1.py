@@ -130,6 +130,7 @@ def run_stage1(
     frozen, `signals.value_head` learns), then the explained variance on `held_out` (once per
     run); returns the critic's warnings, also printed."""
     model, value_head, critic = signals.model, signals.value_head, signals.critic
+    log.start_stage("[critic stage 1]", critic.stage1_steps, state.stage1_step)
     while state.stage1_step < critic.stage1_steps:
         batch = loader.next_batch().to(info.device)
         loss = critic_stage1_step(

@@ -11,7 +11,6 @@ equal those of the online reference exactly.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from model.weights import build_model, load_checkpoint_dir
 from runtime.cli import ArgumentParser, entry_point
 from runtime.config import load_env_config
 from runtime.precision import resolve_precision
+from runtime.progress import Progress
 from runtime.schema import ConfigError
 from training.loss import autocast
 from training.recipe import Recipe, load_recipe
@@ -43,14 +43,13 @@ def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) 
     writer = ReferenceCEWriter(
         recipe.weighting.reference_ce_dir, key, reference_id=str(recipe.model.reference)
     )
-    start = time.perf_counter()
-    for i in range(len(data)):
-        tokens = torch.as_tensor(data.sample(i), dtype=torch.long, device=device)[None]
-        with autocast(device, precision.dtype):
-            ce = reference_next_token_ce(model, tokens, recipe.train.ce_chunk_size)
-        writer.add(data.sample_ids[i], ce[0, :-1])
-        if (i + 1) % 500 == 0:
-            log(f"  {i + 1}/{len(data)} samples, {(i + 1) / (time.perf_counter() - start):.1f}/s")
+    with Progress("[precompute] reference CE", len(data), "samples", heartbeat=True) as progress:
+        for i in range(len(data)):
+            tokens = torch.as_tensor(data.sample(i), dtype=torch.long, device=device)[None]
+            with autocast(device, precision.dtype):
+                ce = reference_next_token_ce(model, tokens, recipe.train.ce_chunk_size)
+            writer.add(data.sample_ids[i], ce[0, :-1])
+            progress.update()
     directory = writer.close()
     log(f"reference CE of {len(data)} samples → {directory}")
     return directory

@@ -8,6 +8,7 @@ import time
 import torch
 
 from runtime.precision import Precision
+from runtime.progress import Progress
 from runtime.schema import flatten, to_dict
 from runtime.tracking import Tracker
 from training.distributed import DistInfo
@@ -15,7 +16,9 @@ from training.recipe import Recipe
 
 
 class StepLog:
-    """Every logged step goes to the run history, MLflow and (every `every` steps) stdout."""
+    """Every logged step goes to the run history, MLflow and (every `every` steps) stdout; the
+    stage under way shows `[train] step/total steps, rate, ETA | loss, tokens/s` at least every
+    ~10 s of wall time on rank 0 (a heartbeat while one step runs longer than that)."""
 
     SHOWN = ("loss", "value_loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
 
@@ -24,6 +27,19 @@ class StepLog:
     ):
         self.history, self.tracker, self.every, self.is_main = history, tracker, every, is_main
         self.kill_point = kill_point
+        self.progress: Progress | None = None
+
+    def start_stage(self, label: str, total: int, done: int) -> None:
+        """Progress of a new stage (`done` of `total` steps already done: a resumed run)."""
+        self.close()
+        self.progress = Progress(
+            label, total, "steps", done=done, heartbeat=True, enabled=self.is_main
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
     def __call__(
         self, metrics: dict[str, float], step: int, last: int, stage: str = "step"
@@ -33,13 +49,29 @@ class StepLog:
         if self.kill_point is not None and stage == "step":
             self.kill_point("log", step)  # fault injection: dies between history and MLflow
         self.tracker.log_metrics(metrics, step)
+        if self.progress is not None and stage in ("step", "stage1"):
+            self.progress.update(extra=_progress_extra(metrics))
         if self.is_main and (step % self.every == 0 or step == last):
             shown = " ".join(
                 f"{k}={v:.4g}"
                 for k, v in metrics.items()
                 if k.removeprefix("stage1_") in self.SHOWN
             )
-            print(f"[{stage} {step}] {shown}", flush=True)
+            self._print(f"[{stage} {step}] {shown}")
+
+    def _print(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.write(text)  # clears a live bar first
+        else:
+            print(text, flush=True)
+
+
+def _progress_extra(metrics: dict[str, float]) -> str:
+    loss = metrics.get("loss", metrics.get("stage1_value_loss"))
+    parts = [f"loss {loss:.4g}"] if loss is not None else []
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
+    return ", ".join(parts)
 
 
 def start_tracking(
