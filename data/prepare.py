@@ -10,6 +10,7 @@ previous output untouched):
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import shutil
@@ -41,7 +42,15 @@ from data.readers import (
     sha256_of_sources,
 )
 from data.records import SCHEMA, DataError, Record, write_records
-from data.splits import SMALL_SPLITS, SPLITS, mbpp_upstream_split, seeded_split, small_subset
+from data.splits import (
+    DEFAULT_RATIOS,
+    SMALL_SPLITS,
+    SPLITS,
+    mbpp_upstream_split,
+    seeded_split,
+    small_subset,
+    split_ratios,
+)
 from model.tokenizer import Tokenizer
 from runtime.cli import ArgumentParser, entry_point
 from runtime.integrity import write_sha256sums
@@ -101,13 +110,20 @@ def build_records(
     return records, counts
 
 
-def assign_splits(dataset: str, records: list[Record], seed: int) -> dict[str, list[Record]]:
+def assign_splits(
+    dataset: str,
+    records: list[Record],
+    seed: int,
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS,
+) -> dict[str, list[Record]]:
+    """MBPP and HumanEval keep their upstream splits; other datasets split by task, seeded,
+    in `ratios` (train, validation, test)."""
     if dataset == "mbpp":
         split_of = {r.task_id: mbpp_upstream_split(r.task_id) for r in records}
     elif dataset == "humaneval":
         split_of = {r.task_id: "test" for r in records}
     else:
-        split_of = seeded_split((r.task_id for r in records), seed)
+        split_of = seeded_split((r.task_id for r in records), seed, ratios)
     out: dict[str, list[Record]] = {name: [] for name in SPLITS}
     for record in records:
         out[split_of[record.task_id]].append(record)
@@ -150,6 +166,7 @@ def prepare(
     seed: int = 42,
     mbpp_for_decontamination: Path | None = None,
     humaneval_for_decontamination: Path | bool = True,
+    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS,
 ) -> dict:
     """Runs the whole pipeline; returns the summary written to stats/."""
     if dataset not in DATASETS:
@@ -158,7 +175,7 @@ def prepare(
     tok = Tokenizer(tokenizer_path)
     files = source_files(dataset, source)
     records, counts = build_records(dataset, files, tok, cfg)
-    splits = assign_splits(dataset, records, seed)
+    splits = assign_splits(dataset, records, seed, split_ratios)
     mbpp_ref = mbpp_for_decontamination or (files[0] if dataset == "mbpp" else None)
     index = BenchmarkIndex.build(mbpp=mbpp_ref, humaneval=humaneval_for_decontamination)
     counts["decontaminated"] = decontaminate(splits, index)
@@ -169,6 +186,7 @@ def prepare(
         "dataset": dataset,
         "data_version": sha256_of_sources(files),
         "seed": seed,
+        "split_ratios": list(split_ratios),
         "template": TEMPLATE_VERSION,
         "tokenizer_sha256": tok.sha256(),
         "config": asdict(cfg),
@@ -208,6 +226,13 @@ def write_outputs(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def ratios_argument(text: str) -> tuple[float, float, float]:
+    try:
+        return split_ratios(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Process a code dataset into training splits.")
@@ -221,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--split-ratios",
+        type=ratios_argument,
+        default=DEFAULT_RATIOS,
+        help="train,validation,test shares of the tasks for seeded splits (default 0.8,0.1,0.1; "
+        "MBPP and HumanEval keep their upstream splits)",
+    )
     parser.add_argument(
         "--languages", default="PYTHON3", help="CodeContests languages, comma-separated"
     )
@@ -251,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg,
             args.seed,
             args.mbpp,
+            split_ratios=args.split_ratios,
         )
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,8 +9,25 @@ SPLITS = ("train", "validation", "test")
 SMALL_SPLITS = {"train_small": ("train", 100), "validation_small": ("validation", 32)}
 
 
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)
+
+
+def split_ratios(text: str) -> tuple[float, float, float]:
+    """'0.6,0.1,0.3' → (0.6, 0.1, 0.3): train, validation, test shares summing to 1."""
+    try:
+        ratios = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        ratios = ()
+    if len(ratios) != 3 or any(not 0 <= r <= 1 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise ValueError(
+            f"split ratios {text!r} are invalid: three shares (train,validation,test) in [0, 1] "
+            "summing to 1, e.g. 0.8,0.1,0.1"
+        )
+    return ratios
+
+
 def seeded_split(
-    task_ids: Iterable[str], seed: int, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    task_ids: Iterable[str], seed: int, ratios: tuple[float, float, float] = DEFAULT_RATIOS
 ) -> dict[str, str]:
     """task_id → split, from a seeded shuffle of the sorted unique ids (order-independent)."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-9:
