@@ -1,92 +1,87 @@
-"""The whole experiment on one CPU machine with nothing downloaded: `python -m launch.demo`.
+"""The whole experiment on one CPU machine, nothing downloaded, sized to a time budget:
+`python -m launch.demo [--minutes 20] [--seeds 1]`.
 
-Stages: synthetic verifiable tasks → micro assets (8000-piece tokenizer and micro models, via
-prepare_assets steps 0, 1, 5, trained on the Python standard library's own sources) → tasks
-processed → micro-mtp and micro-ref pre-trained briefly on the standard library → baseline,
-rho1-wmtp and critic-wmtp fine-tuned on the tasks → evaluation (task pass@1, HumanEval pass@1,
-self-speculative acceptance) → reports/demo-summary.md with loss curves, weight histograms and a
-token-weight heatmap. Everything lands under --out (default outputs/demo); MLflow in its sqlite.
+Stages: synthetic verifiable tasks → calibrate this machine and plan → micro assets (a code
+tokenizer and micro models, prepare_assets steps 0, 1, 5) → tasks processed (60/10/30 split by
+task; a correct-only copy) → the Rho-1 reference (micro-ref, next token) trained on the correct
+training solutions, its CE precomputed → baseline, rho1-wmtp and critic-wmtp fine-tuned from the
+same micro-mtp, once per seed → evaluation (every test task × N samples at T=0.2; lossless
+self-speculative decoding on a few of them; HumanEval) → `evaluation.compare` (pass@1 with 95% intervals, paired
+tests against the baseline) and reports/demo-summary.md. Everything lands under --out (default
+outputs/demo); MLflow in its sqlite store.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import random
+import statistics
 import sys
-import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from data.records import Record, write_records
+from launch.demo_plan import (
+    QUICK_LIMITS,
+    QUICK_SIZES,
+    SIZES,
+    Calibration,
+    Limits,
+    Plan,
+    Size,
+    calibrate,
+    plan,
+    replan,
+)
 from runtime.cli import ArgumentParser, entry_point
+from runtime.progress import duration
 
 REPO = Path(__file__).resolve().parents[1]
+ALGOS = {
+    "baseline": "micro-baseline.yaml",
+    "rho1-wmtp": "micro-rho1.yaml",
+    "critic-wmtp": "micro-critic.yaml",
+}
+SPLIT = (0.6, 0.1, 0.3)  # train, validation, test shares of the tasks
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoSettings:
-    micro: dict  # assets.micro overrides
-    corpus_mb: float
-    pretrain_steps: int
-    pretrain_chunks: int
-    experiment_steps: int
-    stage1_steps: int
-    seq_len: int
-    eval_tasks_limit: int | None
-    humaneval_limit: int
-    n_samples: int
-    max_new_tokens: int
+    sizes: tuple[Size, ...]
+    limits: Limits
     task_variants: int
+    seq_len: int = 512
+    corpus_mb: float = 6.0  # of code the tokenizer is trained on
 
 
-FULL = DemoSettings(
-    micro={},
-    corpus_mb=6.0,
-    pretrain_steps=80,
-    pretrain_chunks=2000,
-    experiment_steps=250,
-    stage1_steps=60,
-    seq_len=512,
-    eval_tasks_limit=None,
-    humaneval_limit=10,
-    n_samples=5,
-    max_new_tokens=128,
-    task_variants=8,
-)
-QUICK = DemoSettings(
-    micro={"dim": 64, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "vocab_size": 1000},
-    corpus_mb=0.6,
-    pretrain_steps=12,
-    pretrain_chunks=300,
-    experiment_steps=8,
-    stage1_steps=4,
-    seq_len=512,
-    eval_tasks_limit=4,
-    humaneval_limit=2,
-    n_samples=2,
-    max_new_tokens=16,
-    task_variants=2,
-)
+FULL = DemoSettings(SIZES, Limits(), task_variants=8)
+QUICK = DemoSettings(QUICK_SIZES, QUICK_LIMITS, task_variants=2, corpus_mb=0.6)
 
 
 class Stages:
-    """Numbered progress lines with timings."""
+    """Numbered stage lines: title, then the time taken against the plan's prediction."""
 
     def __init__(self, total: int):
         self.total, self.n, self.t0 = total, 0, time.perf_counter()
+        self.times: dict[str, float] = {}
 
-    def start(self, title: str) -> float:
-        self.n += 1
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def start(self, key: str, title: str) -> None:
+        self.n, self.key, self.started = self.n + 1, key, time.perf_counter()
         print(f"\n[demo {self.n}/{self.total}] {title}", flush=True)
-        return time.perf_counter()
 
-    def done(self, start: float, note: str = "") -> None:
+    def done(self, note: str = "", predicted: float | None = None) -> None:
+        took = time.perf_counter() - self.started
+        self.times[self.key] = round(took, 1)
+        against = f" (planned {duration(predicted)})" if predicted is not None else ""
         print(
-            f"[demo {self.n}/{self.total}] done in {time.perf_counter() - start:.0f}s "
-            f"(total {time.perf_counter() - self.t0:.0f}s) {note}",
+            f"[demo {self.n}/{self.total}] done in {duration(took)}{against}, "
+            f"{duration(self.elapsed)} in all {note}".rstrip(),
             flush=True,
         )
 
@@ -96,53 +91,11 @@ def check(code: int, what: str) -> None:
         raise SystemExit(f"demo stopped: {what} exited with code {code}")
 
 
-def stdlib_chunks(max_chars: int, limit: int, seed: int) -> list[str]:
-    """Code chunks (≤ max_chars, whole lines) of the standard library, a seeded sample."""
-    chunks = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        except (UnicodeDecodeError, OSError):
-            continue
-        current = ""
-        for line in lines:
-            if len(current) + len(line) > max_chars and current.strip():
-                chunks.append(current)
-                current = ""
-            current += line[:max_chars]
-        if current.strip():
-            chunks.append(current)
-    return random.Random(seed).sample(chunks, min(limit, len(chunks)))
-
-
-def write_pretrain_corpus(out: Path, settings: DemoSettings) -> Path:
-    chunks = stdlib_chunks(700, settings.pretrain_chunks + 200, seed=0)
-    records = [
-        Record(
-            "",
-            c,
-            {
-                "task_id": f"stdlib/{i}",
-                "sample_id": f"stdlib/{i}",
-                "source": "synthetic",
-                "is_correct": True,
-                "has_tests": False,
-                "language": "python3",
-            },
-        )
-        for i, c in enumerate(chunks)
-    ]
-    write_records(out / "train.jsonl", records[200:])
-    write_records(out / "validation_small.jsonl", records[:32])
-    return out / "train.jsonl"
-
-
-def write_config(out: Path, settings: DemoSettings) -> Path:
-    micro = {"max_corpus_mb": settings.corpus_mb, **settings.micro}
+def write_config(out: Path, micro: dict, corpus_mb: float) -> Path:
     config = {
         "storage": {"root": str(out / "storage"), "cache_dir": str(out / "cache")},
         "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
-        "assets": {"micro": micro},
+        "assets": {"micro": {"max_corpus_mb": corpus_mb, **micro}},
         "hardware": {"peak_tflops": 1.0},
     }
     path = out / "config.yaml"
@@ -159,189 +112,271 @@ def train(recipe: str, overrides: list[str], config: Path) -> None:
     )
 
 
-def run(out: Path, settings: DemoSettings) -> Path:
-    from data.prepare import prepare
-    from data.process import ProcessConfig
-    from eval_harness import main as eval_main
-    from launch.demo_report import write_summary
-    from launch.synthetic_tasks import write_tasks
-    from prepare_assets import main as assets_main
+def test_task_count(n_tasks: int) -> int:
+    """How many tasks `data.splits.seeded_split` puts in the test split."""
+    return n_tasks - round(SPLIT[0] * n_tasks) - round(SPLIT[1] * n_tasks)
 
-    stages = Stages(7)
-    out.mkdir(parents=True, exist_ok=True)
-    config = write_config(out, settings)
-    storage = out / "storage"
-    tasks_dir = storage / "datasets_local_small" / "tasks"
 
-    t = stages.start("synthetic verifiable tasks (generated, labelled by running their tests)")
-    stats = write_tasks(tasks_dir / "raw" / "tasks.jsonl", variants=settings.task_variants)
-    stages.done(t, json.dumps(stats))
+def median_step_seconds(run_dir: Path) -> float:
+    """A finished run's median seconds per optimizer step, from its history."""
+    history = json.loads(next((run_dir / "reports").glob("*_history.json")).read_text())
+    return statistics.median(h["step_time_s"] for h in history if h.get("stage") == "step")
 
-    t = stages.start(
-        "micro assets: layout + 8000-piece tokenizer and micro models from the standard library"
-    )
-    for step in ("0", "1", "5"):
-        check(
-            assets_main(["--step", step, "--config", str(config)]), f"prepare_assets --step {step}"
+
+class Demo:
+    """The stages, in order; each leaves its outputs under `out`."""
+
+    def __init__(self, out: Path, settings: DemoSettings, minutes: float, seeds: int | None):
+        self.out, self.settings, self.seeds = out, settings, seeds
+        self.budget_s = minutes * 60
+        self.stages = Stages(8)
+        self.storage = out / "storage"
+        self.tasks_dir = self.storage / "datasets_local_small" / "tasks"
+        self.correct_dir = self.storage / "datasets_local_small" / "tasks-correct"
+        self.runs = out / "runs"
+        self.plan: Plan | None = None
+        self.calibration: Calibration | None = None
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        n_tasks = self.make_tasks()
+        self.make_plan(test_task_count(n_tasks))
+        self.make_assets()
+        self.process_tasks()
+        self.train_reference()
+        self.finetune()
+        self.evaluate()
+        return self.report()
+
+    # ------------------------------------------------------------------------- stages
+    def make_tasks(self) -> int:
+        from launch.synthetic_tasks import write_tasks
+
+        self.stages.start("tasks", "synthetic verifiable tasks, labelled by running their tests")
+        stats = write_tasks(
+            self.tasks_dir / "raw" / "tasks.jsonl", variants=self.settings.task_variants
         )
-    tokenizer = storage / "models_v2" / "micro-mtp" / "tokenizer" / "tokenizer.model"
-    stages.done(t)
+        self.stages.done(json.dumps(stats))
+        return stats["tasks"]
 
-    t = stages.start("process the tasks (Alpaca template, splits by task, stats)")
-    summary = prepare(
-        "tasks",
-        tasks_dir / "raw",
-        tasks_dir,
-        tokenizer,
-        ProcessConfig(max_length=settings.seq_len),
-        humaneval_for_decontamination=True,
-    )
-    stages.done(t, json.dumps(summary["records"]))
-
-    runs = out / "runs"
-    common = [f"data.seq_len={settings.seq_len}", "train.log_every=25", "checkpoint.every_steps=0"]
-    t = stages.start(
-        "pre-train micro-mtp (4 heads) and micro-ref (next token) on the standard library"
-    )
-    corpus = write_pretrain_corpus(
-        storage / "datasets_local_small" / "stdlib" / "processed", settings
-    )
-    pretrain = [
-        f"model.base={storage / 'models_v2' / 'micro-mtp' / 'safetensors'}",
-        f"model.tokenizer={tokenizer}",
-        f"data.train={corpus}",
-        f"data.validation={corpus.with_name('validation_small.jsonl')}",
-        "data.dataset=stdlib",
-        f"train.max_steps={settings.pretrain_steps}",
-        "train.lr=2e-3",
-        "train.eval_every=0",
-        *common,
-    ]
-    train(
-        "micro-baseline.yaml",
-        [*pretrain, f"run.output_dir={runs / 'pretrain-mtp'}", "run.name=pretrain-mtp"],
-        config,
-    )
-    train(
-        "micro-baseline.yaml",
-        [
-            *pretrain,
-            f"run.output_dir={runs / 'pretrain-ref'}",
-            "run.name=pretrain-ref",
-            f"model.base={storage / 'models_v2' / 'micro-ref' / 'safetensors'}",
-            "model.require_mtp=false",
-        ],
-        config,
-    )
-    stages.done(t)
-
-    base, ref = (
-        runs / "pretrain-mtp" / "export" / "final",
-        runs / "pretrain-ref" / "export" / "final",
-    )
-    experiment = [
-        f"model.base={base}",
-        f"model.tokenizer={tokenizer}",
-        f"model.reference={ref}",
-        f"data.train={tasks_dir / 'processed' / 'train.jsonl'}",
-        f"data.validation={tasks_dir / 'processed' / 'validation_small.jsonl'}",
-        f"train.max_steps={settings.experiment_steps}",
-        f"train.eval_every={max(settings.experiment_steps // 3, 1)}",
-        f"weighting.critic.stage1_steps={settings.stage1_steps}",
-        *common,
-    ]
-    algos = {
-        "baseline": "micro-baseline.yaml",
-        "rho1-wmtp": "micro-rho1.yaml",
-        "critic-wmtp": "micro-critic.yaml",
-    }
-    t = stages.start("fine-tune micro-mtp on the tasks: baseline, rho1-wmtp, critic-wmtp")
-    for algo, recipe in algos.items():
-        print(f"[demo {stages.n}/{stages.total}] experiment {algo}", flush=True)
-        train(
-            recipe, [*experiment, f"run.output_dir={runs / algo}", f"run.name=demo-{algo}"], config
+    def make_plan(self, test_problems: int) -> None:
+        s = self.settings
+        self.stages.start("plan", "calibrate this machine and size the demo to the budget")
+        self.test_problems = test_problems
+        self.calibration = calibrate(
+            s.sizes, s.limits, self.budget_s - self.stages.elapsed, self.seeds, test_problems
         )
-    stages.done(t)
+        self.plan = plan(
+            self.calibration,
+            s.sizes,
+            s.limits,
+            self.budget_s,
+            self.stages.elapsed,
+            self.seeds,
+            test_problems,
+        )
+        print(f"  plan: {self.plan.describe()}", flush=True)
+        for warning in self.plan.warnings:
+            print(f"[warning] {warning}", flush=True)
+        self.stages.done()
 
-    t = stages.start(
-        "evaluate: task pass@1 (T=0.2, top-p 0.95), HumanEval pass@1, self-speculative decoding"
-    )
-    limit = ["--limit", str(settings.eval_tasks_limit)] if settings.eval_tasks_limit else []
-    for algo in algos:
-        ckpt = runs / algo / "export" / "final"
-        common_eval = [
-            "--ckpt",
-            str(ckpt),
-            "--config",
-            str(config),
-            "--max-new-tokens",
-            str(settings.max_new_tokens),
-        ]
-        tasks_eval = [
-            "--tasks",
-            "tasks",
-            "--synthetic",
-            str(tasks_dir / "raw" / "tasks.jsonl"),
-            "--synthetic-split",
-            str(tasks_dir / "processed" / "test.jsonl"),
-            "--prompt-style",
-            "alpaca",
-        ]
-        check(
-            eval_main(
-                [
-                    *common_eval,
-                    *tasks_eval,
-                    *limit,
-                    "--n-samples",
-                    str(settings.n_samples),
-                    "--output-dir",
-                    str(runs / algo / "eval"),
-                ]
-            ),
-            f"eval {algo}",
+    def make_assets(self) -> None:
+        from prepare_assets import main as assets_main
+
+        self.stages.start(
+            "assets", f"micro assets: code tokenizer, micro-mtp and micro-ref ({self.plan.size})"
         )
-        check(
-            eval_main(
-                [
-                    *common_eval,
-                    "--tasks",
-                    "humaneval",
-                    "--prompt-style",
-                    "alpaca",
-                    "--limit",
-                    str(settings.humaneval_limit),
-                    "--n-samples",
-                    str(settings.n_samples),
-                    "--output-dir",
-                    str(runs / algo / "eval-humaneval"),
-                ]
-            ),
-            f"eval humaneval {algo}",
-        )
-        for name, flags in (("eval-greedy", []), ("eval-speculative", ["--speculative"])):
+        self.config = write_config(self.out, self.plan.micro, self.settings.corpus_mb)
+        for step in ("0", "1", "5"):
             check(
-                eval_main(
-                    [
-                        *common_eval,
-                        *tasks_eval,
-                        *limit,
-                        "--temperature",
-                        "0",
-                        *flags,
-                        "--no-mlflow",
-                        "--output-dir",
-                        str(runs / algo / name),
-                    ]
-                ),
-                f"{name} {algo}",
+                assets_main(["--step", step, "--config", str(self.config)]),
+                f"prepare_assets --step {step}",
             )
-    stages.done(t)
+        self.tokenizer = self.storage / "models_v2" / "micro-mtp" / "tokenizer" / "tokenizer.model"
+        self.stages.done()
 
-    t = stages.start("comparison report")
-    report = write_summary(out, list(algos), asdict(settings), time.perf_counter() - stages.t0)
-    stages.done(t, str(report))
-    return report
+    def process_tasks(self) -> None:
+        from data.prepare import prepare
+        from data.process import ProcessConfig
+
+        self.stages.start("process", "process the tasks: template, 60/10/30 split by task")
+        records = {}
+        for output, incorrect in ((self.tasks_dir, "tag"), (self.correct_dir, "drop")):
+            summary = prepare(
+                "tasks",
+                self.tasks_dir / "raw",
+                output,
+                self.tokenizer,
+                ProcessConfig(max_length=self.settings.seq_len, incorrect=incorrect),
+                humaneval_for_decontamination=True,
+                split_ratios=SPLIT,
+            )
+            records[incorrect] = summary["tasks"]
+        self.stages.done(f"tasks per split {records['tag']}")
+
+    def common(self, steps: int) -> list[str]:
+        return [
+            f"model.tokenizer={self.tokenizer}",
+            f"data.seq_len={self.settings.seq_len}",
+            f"train.max_steps={steps}",
+            f"train.eval_every={max(steps // 3, 1)}",
+            "train.log_every=50",
+            "checkpoint.every_steps=0",
+        ]
+
+    def train_reference(self) -> None:
+        from training.precompute_reference import main as precompute_main
+
+        p = self.plan
+        self.stages.start(
+            "reference",
+            f"the Rho-1 reference: micro-ref (next token) trained {p.ref_steps} steps on the "
+            "correct training solutions; its CE precomputed",
+        )
+        data = self.correct_dir / "processed"
+        train(
+            "micro-baseline.yaml",
+            [
+                f"model.base={self.storage / 'models_v2' / 'micro-ref' / 'safetensors'}",
+                "model.require_mtp=false",
+                f"data.train={data / 'train.jsonl'}",
+                f"data.validation={data / 'validation_small.jsonl'}",
+                *self.common(p.ref_steps),
+                f"run.output_dir={self.runs / 'reference'}",
+                "run.name=demo-reference",
+            ],
+            self.config,
+        )
+        recipe = str(REPO / "recipes" / "micro-rho1.yaml")
+        check(
+            precompute_main([recipe, *self.reference_ce(), "--config", str(self.config)]),
+            "precompute_reference",
+        )
+        measured = median_step_seconds(self.runs / "reference")
+        self.plan = replan(
+            p, self.calibration, self.settings.limits, measured, self.stages.elapsed,
+            self.test_problems,
+        )  # fmt: skip
+        self.stages.done(f"({measured:.2f}s per step)", p.predicted_s["reference"])
+        for warning in self.plan.warnings[len(p.warnings) :]:
+            print(f"[plan] {warning}", flush=True)
+
+    def reference_ce(self) -> list[str]:
+        """Overrides of rho1-wmtp's recipe: the reference CE of the task training split."""
+        return [
+            f"model.reference={self.runs / 'reference' / 'export' / 'final'}",
+            f"weighting.reference_ce_dir={self.out / 'cache' / 'reference-ce'}",
+            f"data.train={self.tasks_dir / 'processed' / 'train.jsonl'}",
+            f"model.tokenizer={self.tokenizer}",
+        ]
+
+    def run_dir(self, algo: str, seed: int) -> Path:
+        return self.runs / algo / f"seed{seed}"
+
+    def finetune(self) -> None:
+        p = self.plan
+        self.stages.start(
+            "fine-tuning",
+            f"fine-tune micro-mtp: baseline, rho1-wmtp, critic-wmtp × {p.seeds} seed(s), "
+            f"{p.finetune_steps} steps each",
+        )
+        base = self.storage / "models_v2" / "micro-mtp" / "safetensors"
+        for seed in range(p.seeds):
+            for algo, recipe in ALGOS.items():
+                print(f"[demo {self.stages.n}/8] {algo}, seed {seed}", flush=True)
+                extra = (
+                    [*self.reference_ce(), "weighting.reference_source=precomputed"]
+                    if algo == "rho1-wmtp"
+                    else []
+                )
+                train(
+                    recipe,
+                    [
+                        f"model.base={base}",
+                        f"data.train={self.tasks_dir / 'processed' / 'train.jsonl'}",
+                        f"data.validation={self.tasks_dir / 'processed' / 'validation_small.jsonl'}",
+                        *self.common(p.finetune_steps),
+                        f"weighting.critic.stage1_steps={p.stage1_steps}",
+                        *extra,
+                        f"run.seed={42 + seed}",
+                        f"run.output_dir={self.run_dir(algo, seed)}",
+                        f"run.name=demo-{algo}-seed{seed}",
+                    ],
+                    self.config,
+                )
+        self.stages.done(predicted=p.predicted_s["fine-tuning"])
+
+    def evaluate(self) -> None:
+        from eval_harness import main as eval_main
+
+        p = self.plan
+        self.stages.start(
+            "evaluation",
+            f"evaluate: {self.test_problems} test tasks × {p.eval_samples} samples (T=0.2, "
+            f"top-p 0.95); lossless self-speculative decoding on {p.spec_baseline_problems} of "
+            f"them (acceptance per head, speed against plain); HumanEval {p.humaneval_problems}",
+        )
+        for seed in range(p.seeds):
+            for algo in ALGOS:
+                run = self.run_dir(algo, seed)
+                common = [
+                    "--ckpt", str(run / "export" / "final"), "--config", str(self.config),
+                    "--max-new-tokens", str(p.max_new_tokens), "--prompt-style", "alpaca",
+                    "--timeout", "3", "--seed", str(seed),
+                ]  # fmt: skip
+                tasks = [
+                    "--tasks", "tasks", "--n-samples", str(p.eval_samples),
+                    "--synthetic", str(self.tasks_dir / "raw" / "tasks.jsonl"),
+                    "--synthetic-split", str(self.tasks_dir / "processed" / "test.jsonl"),
+                ]  # fmt: skip
+                speculative = [
+                    "--speculative", "--limit", str(p.spec_baseline_problems),
+                    "--speculative-baseline", str(p.spec_baseline_problems), "--no-mlflow",
+                ]  # fmt: skip
+                humaneval = ["--tasks", "humaneval", "--limit", str(p.humaneval_problems)]
+                for what, argv in (
+                    ("tasks", [*tasks, "--output-dir", str(run / "eval")]),
+                    ("speculative", [*tasks, *speculative, "--output-dir", str(run / "eval-speculative")]),
+                    ("humaneval", [*humaneval, "--output-dir", str(run / "eval-humaneval")]),
+                ):  # fmt: skip
+                    check(eval_main([*common, *argv]), f"eval {what} {algo} seed {seed}")
+        self.stages.done(predicted=p.predicted_s["evaluation"])
+
+    def report(self) -> Path:
+        from evaluation.compare import compare, write
+        from launch.demo_report import write_summary
+
+        self.stages.start("report", "compare (95% intervals, paired tests) and report")
+        experiments = {
+            algo: [
+                self.run_dir(algo, seed) / name
+                for seed in range(self.plan.seeds)
+                for name in ("eval", "eval-humaneval")
+            ]
+            for algo in ALGOS
+        }
+        comparison = compare(experiments, baseline="baseline")
+        write(comparison, self.out / "reports")
+        path = write_summary(
+            self.out,
+            list(ALGOS),
+            comparison,
+            self.plan,
+            self.calibration,
+            self.stages.times,
+            self.stages.elapsed,
+        )
+        self.stages.done(str(path))
+        return path
+
+
+def seeds_argument(text: str) -> int | None:
+    """'auto' → None (the planner chooses), else a positive integer."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: a positive integer or 'auto'")
+    return int(text)
 
 
 @entry_point
@@ -349,10 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument(
+        "--minutes", type=float, default=20.0, help="time budget the stages are sized to"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=seeds_argument,
+        default=None,
+        help="fine-tune each algorithm this many times, the comparison pools them (default "
+        "auto: as many as the budget allows at full length, up to 3)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, for tests (about a minute)"
     )
     a = parser.parse_args(argv)
-    report = run(a.out, QUICK if a.quick else FULL)
+    if a.minutes <= 0:
+        parser.error(f"--minutes {a.minutes:g} is invalid: must be > 0")
+    report = Demo(a.out, QUICK if a.quick else FULL, a.minutes, a.seeds).run()
     print(f"\nreport: {report}")
     return 0
 

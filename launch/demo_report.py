@@ -1,14 +1,25 @@
-"""reports/demo-summary.md: the three runs side by side, with charts and a token-weight heatmap."""
+"""reports/demo-summary.md: pass@1 with intervals and paired tests (from `evaluation.compare`),
+the runs side by side, the plan against the stage times, charts and a token-weight heatmap."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from html import escape
 from pathlib import Path
 
+from evaluation.compare import Interval
+from launch.demo_plan import Calibration, Plan
 from runtime.integrity import atomic_write_text
 from runtime.plots import line_chart_svg
+from runtime.precision import cpu_model_name
+from runtime.progress import duration
+
+FLOOR_NOTE = (
+    "micro models trained on a few hundred synthetic solutions do not solve HumanEval; this "
+    "row shows the harness end to end, not a difference between the algorithms"
+)
 
 
 def _read(path: Path) -> dict:
@@ -20,55 +31,55 @@ def _latest(folder: Path, pattern: str) -> Path | None:
     return found[-1] if found else None
 
 
-def run_facts(run: Path) -> dict:
-    reports = run / "reports"
-    history_file = _latest(reports, "*_history.json")
-    history = json.loads(history_file.read_text()) if history_file else []
-    steps = [h for h in history if h.get("stage") == "step"]
-    last = steps[-1] if steps else {}
-    tasks = _read(run / "eval" / "summary.json").get("tasks", {})
-    humaneval = _read(run / "eval-humaneval" / "summary.json").get("humaneval", {})
-    spec = _read(run / "eval-speculative" / "summary.json").get("tasks", {})
-    greedy = _read(run / "eval-greedy" / "summary.json").get("tasks", {})
-    return {
-        "history": steps,
-        "run_id": history_file.name.removesuffix("_history.json") if history_file else "?",
-        "final_loss": last.get("loss"),
-        "ce_head0": last.get("ce_head0"),
-        "val_loss": next((h["val_loss"] for h in reversed(steps) if "val_loss" in h), None),
-        "train_tokens_per_s": sum(h["tokens_per_s"] for h in steps) / len(steps) if steps else None,
-        "weight_std": last.get("weight_std"),
-        "clipped": last.get("weight_clipped_fraction"),
-        "tasks_pass@1": tasks.get("pass@k", {}).get("pass@1"),
-        "humaneval_pass@1": humaneval.get("pass@k", {}).get("pass@1"),
-        "decode_tokens_per_s": tasks.get("tokens_per_s"),
-        "greedy_tokens_per_s": greedy.get("tokens_per_s"),
-        "spec_tokens_per_s": spec.get("tokens_per_s"),
-        "spec_identical": _same_completions(run / "eval-greedy", run / "eval-speculative"),
-        "spec_accepted": spec.get("spec_tokens_per_forward"),
-        "spec_pass@1": spec.get("pass@k", {}).get("pass@1"),
-        "weights_svg": _latest(reports, "*_weights.svg"),
-        "token_weights": _read(_latest(reports, "*_token_weights.json") or Path("/nonexistent")),
+def _history(run: Path) -> list[dict]:
+    found = _latest(run / "reports", "*_history.json")
+    return [h for h in _read(found) if h.get("stage") == "step"] if found else []
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def run_facts(runs: list[Path]) -> dict[str, float | None]:
+    """Throughput and decoding facts of one algorithm, averaged over its seeds' runs."""
+    histories = [_history(run) for run in runs]
+    summaries = [_read(run / "eval" / "summary.json").get("tasks", {}) for run in runs]
+    speculative = [
+        _read(run / "eval-speculative" / "summary.json").get("tasks", {}) for run in runs
+    ]
+    spec_keys = sorted({k for s in speculative for k in s if k.startswith(("spec_", "plain_"))})
+    facts = {
+        "final weighted loss": _mean([h[-1]["loss"] for h in histories if h]),
+        "head-0 CE (train, last step)": _mean([h[-1]["ce_head0"] for h in histories if h]),
+        "train tokens/s": _mean(
+            [statistics.fmean(s["tokens_per_s"] for s in h) for h in histories if h]
+        ),
+        "decode tokens/s (T=0.2, batch = samples)": _mean(
+            [s.get("tokens_per_s") for s in summaries]
+        ),
     }
+    return facts | {key: _mean([s.get(key) for s in speculative]) for key in spec_keys}
 
 
-def _same_completions(a: Path, b: Path) -> str:
-    """'yes' if greedy and self-speculative decoding produced the same text for every task."""
-    files = [d / "tasks_samples.jsonl" for d in (a, b)]
-    if not all(f.is_file() for f in files):
-        return "–"
-    texts = [[json.loads(line)["completion"] for line in f.read_text().splitlines()] for f in files]
-    return "yes" if texts[0] == texts[1] else "NO"
+FACT_LABELS = {
+    **{f"val_ce_head{k}": f"validation CE, head {k}" for k in range(8)},
+    "weight_std": "token-weight std",
+    "weight_above_one_fraction": "weights above 1 (fraction)",
+    "weight_at_max_fraction": "weights at the cap (fraction)",
+    "weight_selected_fraction": "tokens trained on (fraction)",
+    "score_std": "score std (before normalising)",
+    "stage1_explained_variance": "critic: explained variance after stage 1",
+    "spec_tokens_per_forward": "speculative: tokens per forward",
+    **{f"spec_accept_pos{k}": f"speculative: head {k} draft accepted" for k in range(1, 8)},
+    "spec_tokens_per_s": "speculative decoding tokens/s",
+    "plain_tokens_per_s": "plain decoding tokens/s (same prompts)",
+    "spec_speedup": "speculative speed-up over plain",
+}
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def heatmap_html(facts: dict[str, dict], n_examples: int = 2, max_tokens: int = 160) -> str:
-    """The same training examples under each algorithm: background intensity = token weight."""
+def heatmap_html(runs: dict[str, Path], n_examples: int = 2, max_tokens: int = 160) -> str:
+    """The same training rows under each algorithm: background intensity = token weight."""
     parts = [
         "<!doctype html><meta charset='utf-8'><title>WMTP token weights</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;"
@@ -77,9 +88,13 @@ def heatmap_html(facts: dict[str, dict], n_examples: int = 2, max_tokens: int = 
         "<p>Each algorithm saw the same rows (same seed and data order). Red = weight above 1, "
         "blue = below 1; hover for the value. Prompt tokens carry no loss and are not shown.</p>",
     ]
+    weights = {
+        algo: _read(_latest(run / "reports", "*_token_weights.json") or Path("/nonexistent"))
+        for algo, run in runs.items()
+    }
     for i in range(n_examples):
-        for algo, f in facts.items():
-            examples = f["token_weights"].get("examples", [])
+        for algo, data in weights.items():
+            examples = data.get("examples", [])
             if i >= len(examples):
                 continue
             ex = examples[i]
@@ -95,87 +110,155 @@ def heatmap_html(facts: dict[str, dict], n_examples: int = 2, max_tokens: int = 
     return "".join(parts)
 
 
-def write_summary(out: Path, algos: list[str], settings: dict, seconds: float) -> Path:
-    reports = out / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    facts = {algo: run_facts(out / "runs" / algo) for algo in algos}
-    curves = {a: [(h["step"], h["ce_head0"]) for h in f["history"]] for a, f in facts.items()}
+def _number(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def result_lines(comparison: dict, bench: str, plan: Plan) -> list[str]:
+    """The benchmark's table: pass@1 [CI] per algorithm, Δ vs baseline [CI], p, verdict."""
+    base = comparison["baseline"]
+    rows = comparison["experiments"]
+    first = next(iter(rows.values()))[bench]
+    lines = [
+        f"{first['n_problems']} problems × {first['samples_per_problem']} samples "
+        f"({plan.seeds} seed(s) pooled), T=0.2, top-p 0.95.",
+        "",
+        f"| algorithm | pass@1 [95% CI] | Δ vs {base} [95% CI] | p (paired) | verdict |",
+        "| --- | --- | --- | ---: | --- |",
+    ]
+    for algo, per_bench in rows.items():
+        e = per_bench[bench]
+        p = Interval(**e["pass@1"])
+        if "delta_vs_baseline" in e:
+            d = e["delta_vs_baseline"]
+            delta = Interval(d["mean"], d["ci_low"], d["ci_high"], d["p_value"])
+            verdict = "**significant**" if d["significant"] else "not significant: could be noise"
+            lines.append(
+                f"| {algo} | {p.text()} | {delta.text()} | {delta.p_value:.3g} | {verdict} |"
+            )
+        else:
+            lines.append(f"| {algo} | {p.text()} | – | – | baseline |")
+    widths = [Interval(**per_bench[bench]["pass@1"]).half_width for per_bench in rows.values()]
+    lines += ["", f"Interval half-width: ±{max(widths):.3f} (pass@1)."]
+    return lines
+
+
+def facts_table(algos: list[str], columns: dict[str, dict]) -> list[str]:
+    """The run facts, then every labelled fact an algorithm has, in FACT_LABELS' order."""
+    present = {k for facts in columns.values() for k in facts}
+    keys = [k for k in run_facts([]) if k in present] + [k for k in FACT_LABELS if k in present]
+    lines = ["| | " + " | ".join(algos) + " |", "| --- |" + " ---: |" * len(algos)]
+    for key in keys:
+        cells = [_number(columns[a].get(key)) for a in algos]
+        lines.append(f"| {FACT_LABELS.get(key, key)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_charts(reports: Path, runs: dict[str, Path]) -> None:
+    histories = {algo: _history(run) for algo, run in runs.items()}
+    curves = {a: [(h["step"], h["ce_head0"]) for h in steps] for a, steps in histories.items()}
     atomic_write_text(
         reports / "demo-loss.svg", line_chart_svg(curves, "training CE of head 0 (unweighted)")
     )
-    weighted = {a: [(h["step"], h["loss"]) for h in f["history"]] for a, f in facts.items()}
+    weighted = {a: [(h["step"], h["loss"]) for h in steps] for a, steps in histories.items()}
     atomic_write_text(
         reports / "demo-weighted-loss.svg",
         line_chart_svg(weighted, "training loss (weighted, 4 heads)"),
     )
-    for algo, f in facts.items():
-        if f["weights_svg"]:
-            shutil.copyfile(f["weights_svg"], reports / f"demo-weights-{algo}.svg")
-    atomic_write_text(reports / "demo-token-weights.html", heatmap_html(facts))
-    rows = [
-        ("run id (MLflow)", "run_id", 0),
-        ("final weighted loss", "final_loss", 3),
-        ("head-0 CE", "ce_head0", 3),
-        ("validation loss (head 0)", "val_loss", 3),
-        ("task pass@1 (T=0.2)", "tasks_pass@1", 3),
-        ("HumanEval pass@1 (T=0.2)", "humaneval_pass@1", 3),
-        ("train tokens/s", "train_tokens_per_s", 0),
-        ("weight std", "weight_std", 3),
-        ("clipped fraction", "clipped", 3),
-        ("decode tokens/s (sampling, 5 per batch)", "decode_tokens_per_s", 1),
-        ("decode tokens/s (greedy, batch 1)", "greedy_tokens_per_s", 1),
-        ("decode tokens/s (self-speculative greedy)", "spec_tokens_per_s", 1),
-        ("accepted tokens per forward", "spec_accepted", 2),
-        ("task pass@1 (speculative greedy)", "spec_pass@1", 3),
-        ("speculative output == greedy output", "spec_identical", 0),
-    ]
+    for algo, run in runs.items():
+        found = _latest(run / "reports", "*_weights.svg")
+        if found:
+            shutil.copyfile(found, reports / f"demo-weights-{algo}.svg")
+    atomic_write_text(reports / "demo-token-weights.html", heatmap_html(runs))
+
+
+def write_summary(
+    out: Path,
+    algos: list[str],
+    comparison: dict,
+    plan: Plan,
+    calibration: Calibration,
+    stage_times: dict[str, float],
+    seconds: float,
+) -> Path:
+    reports = out / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    runs = {algo: sorted((out / "runs" / algo).glob("seed*")) for algo in algos}
+    write_charts(reports, {algo: seeds[0] for algo, seeds in runs.items()})
+    columns = {algo: comparison["training"].get(algo, {}) | run_facts(runs[algo]) for algo in algos}
     lines = [
         "# WMTP demo: baseline vs rho1-wmtp vs critic-wmtp",
         "",
-        f"Micro models on one CPU, nothing downloaded; {seconds / 60:.1f} minutes end to end.",
+        f"Micro models ({plan.size}) trained on one CPU — {cpu_model_name()}, compute dtype "
+        f"{calibration.dtype} ({calibration.dtype_reason}) — nothing downloaded; "
+        f"{seconds / 60:.1f} minutes end to end (budget {plan.budget_s / 60:.0f}).",
         "",
-        "| metric | " + " | ".join(algos) + " |",
-        "| --- |" + " ---: |" * len(algos),
+        "## Synthetic tasks (held-out test split)",
+        "",
+        *result_lines(comparison, "tasks", plan),
+        "",
+        "A difference is called significant when the paired sign-flip permutation test over "
+        "problems gives p < 0.05 and the bootstrap interval excludes 0; otherwise the runs "
+        "cannot be told apart at this size. Full table: [comparison.md](comparison.md), "
+        "[comparison.json](comparison.json), chart: ![pass@1](comparison.svg)",
+        "",
     ]
-    for label, key, digits in rows:
-        values = [
-            _fmt(
-                round(f[key], digits) if isinstance(f[key], float) and digits == 0 else f[key],
-                digits or 0,
-            )
-            if not isinstance(f[key], str)
-            else f[key]
-            for f in facts.values()
-        ]
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    if "humaneval" in comparison["benchmarks"]:
+        lines += ["## HumanEval (floor)", "", *result_lines(comparison, "humaneval", plan)]
+        lines += ["", f"Note: {FLOOR_NOTE}.", ""]
     lines += [
+        "## Training and decoding",
+        "",
+        "Validation CE per head and weight statistics at the last evaluation; speculative "
+        f"decoding (lossless sampling, T=0.2) on {plan.spec_baseline_problems} test tasks: how "
+        "often each head's draft was accepted, tokens per forward and its speed against plain "
+        "decoding of the same prompts; averaged over seeds.",
+        "",
+        *facts_table(algos, columns),
         "",
         "![head-0 CE](demo-loss.svg) ![weighted loss](demo-weighted-loss.svg)",
         "",
-        "## Token-weight histograms (last step)",
+        "## Token weights",
         "",
-    ]
-    lines += [
-        f"![{a}](demo-weights-{a}.svg)"
-        for a in algos
-        if (reports / f"demo-weights-{a}.svg").exists()
-    ]
-    lines += [
+        *[
+            f"![{a}](demo-weights-{a}.svg)"
+            for a in algos
+            if (reports / f"demo-weights-{a}.svg").exists()
+        ],
         "",
-        "## Which tokens each algorithm emphasised",
+        "[demo-token-weights.html](demo-token-weights.html): the first training rows under each "
+        "algorithm, coloured by weight.",
         "",
-        "[demo-token-weights.html](demo-token-weights.html): the first training rows under each algorithm.",
+        "## Plan and stage times",
         "",
-        "## Settings",
+        plan.describe() + ".",
         "",
-        "```json",
-        json.dumps(settings, indent=2),
-        "```",
+        *[f"- {w}" for w in plan.warnings],
         "",
-        "Per-run reports: `runs/<algo>/reports/<run_id>.md`; MLflow: `mlflow ui --backend-store-uri "
-        f"sqlite:///{out / 'mlflow.db'}`.",
+        "| stage | planned | took |",
+        "| --- | ---: | ---: |",
+        *[
+            f"| {stage} | {duration(plan.predicted_s[stage]) if stage in plan.predicted_s else '–'} "
+            f"| {duration(took)} |"
+            for stage, took in stage_times.items()
+        ],
+        "",
+        "Per-run reports: `runs/<algo>/seed<N>/reports/<run_id>.md`; MLflow: "
+        f"`mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}`.",
         "",
     ]
     path = reports / "demo-summary.md"
     atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(
+        reports / "demo-plan.json",
+        json.dumps(
+            {"plan": plan.as_dict(), "calibration": calibration.__dict__, "stages": stage_times},
+            indent=2,
+        )
+        + "\n",
+    )
     return path
