@@ -1,4 +1,4 @@
-"""Micro models for CPU work: an 8000-piece code tokenizer and two small models sharing it.
+"""Micro models for CPU work: a code tokenizer (8000 pieces by default) and two small models sharing it.
 
 micro-mtp: MTP LLaMA with `MicroConfig` sizes and 4 heads; micro-ref: a next-token model of the
 same width. Both fp16. Initialisation:

@@ -371,7 +371,10 @@ class ReferenceConvertStep(Step):
 
 
 class MicroStep(Step):
-    number, title = 5, "micro models (micro-mtp, micro-ref) with an 8000-piece code tokenizer"
+    number, title = (
+        5,
+        "micro models (micro-mtp, micro-ref) with a code tokenizer of assets.micro.vocab_size pieces",
+    )
 
     def check(self, ctx: Context) -> list[str]:
         problems = []

@@ -9,6 +9,8 @@ on a GPU, peak RSS on the CPU. Variants:
   mtp-sequential  4 heads, one head at a time, CE chunked over the sequence (training/loss.py)
   mtp-isolated    mtp-sequential on packed rows of `--segments` samples each, kept apart by
                   segment ids (block-causal mask, positions restarting per sample)
+--target-share S leaves targets on the last S of each row only (instruction tuning: the prompt
+has none); the sequential loss projects to the vocabulary only where there are targets.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
     labels = torch.stack([torch.roll(tokens, -k - 1, dims=1) for k in range(4)], dim=-1)
     for k in range(4):
         labels[:, a.seq - k - 1 :, k] = IGNORE_INDEX
+    labels[:, : round(a.seq * (1 - a.target_share))] = IGNORE_INDEX  # the prompt: no targets
     lam = [1.0, 0.0, 0.0, 0.0] if variant == "ntp-naive" else [1.0] * 4
     denominators = [float((labels[..., k] != IGNORE_INDEX).sum()) for k in range(4)]
     weights = (labels != IGNORE_INDEX).float()
@@ -120,6 +123,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
     parser.add_argument("--segments", type=int, default=4, help="samples per row (mtp-isolated)")
+    parser.add_argument(
+        "--target-share",
+        type=float,
+        default=1.0,
+        help="share of each row's positions with targets (SFT: the response, ~0.25)",
+    )
     a = parser.parse_args()
     if a.variant:
         print(json.dumps(run_variant(a.variant, a)))

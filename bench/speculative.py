@@ -1,16 +1,17 @@
 """Self-speculative decoding: what a verify step costs against a decode step, and what it gives.
 
     python -m bench.speculative --cost-model [--dim 4096 --n-heads 32 --ffn 11008 --kv 1024 --dtype auto]
-    python -m bench.speculative --ckpt outputs/demo/runs/baseline/export/final [--prompts 10 --max-new-tokens 128]
+    python -m bench.speculative --ckpt outputs/demo/runs/baseline/seed0/export/final \\
+        [--prompts 16 --max-new-tokens 128 --synthetic TASKS.jsonl --synthetic-split TEST.jsonl]
 
 --cost-model times, at 7B layer shapes, one transformer block and the output projection on 1
 token (plain decoding) and on n tokens (verifying 1 + (n−1) drafted tokens), with a KV cache of
 `--kv` positions; then a decode step = 29 blocks (28 trunk + head 0) + 1 projection and a verify
 step = 32 blocks (28 trunk + 4 heads) on n tokens + n projections for head 0 + n−1 for the
 drafts. Projected speed-up at a accepted tokens per forward = a / (verify / decode).
---ckpt decodes HumanEval prompts (training template) plainly and speculatively, greedy and at
-T=0.2 / top-p 0.95, batch 1 and 8, and reports tokens/s and acceptance (greedy outputs are
-checked identical).
+--ckpt decodes HumanEval prompts (or --synthetic: the demo's tasks; training template) plainly
+and speculatively, greedy and at T=0.2 / top-p 0.95, batch 1 and 8 (different prompts in a
+batch), and reports tokens/s and acceptance (greedy outputs are checked identical).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from data.records import read_records
 from evaluation.generation import SamplingConfig, SpeculationStats, generate
-from evaluation.tasks import humaneval_problems
+from evaluation.tasks import humaneval_problems, synthetic_problems
 from model import ModelArgs
 from model.tokenizer import Tokenizer
 from model.transformer import KVCache, TransformerBlock, rotary_tables
@@ -100,9 +102,12 @@ def end_to_end(a: argparse.Namespace) -> dict:
     args, state = load_checkpoint_dir(a.ckpt)
     model = build_model(args, state, device=device, dtype=precision.dtype).eval()
     tok = Tokenizer(a.tokenizer or a.ckpt / "tokenizer.model")
-    prompts = [
-        [tok.bos_id, *tok.encode(p.prompt)] for p in humaneval_problems(style="alpaca")[: a.prompts]
-    ]
+    if a.synthetic:
+        ids = {r.task_id for r in read_records(a.synthetic_split)} if a.synthetic_split else None
+        problems = synthetic_problems(a.synthetic, ids)
+    else:
+        problems = humaneval_problems(style="alpaca")
+    prompts = [[tok.bos_id, *tok.encode(p.prompt)] for p in problems[: a.prompts]]
     stop = ["\n### "]
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
@@ -114,12 +119,13 @@ def end_to_end(a: argparse.Namespace) -> dict:
             result = {"temperature": temperature, "batch": batch}
             for speculative in (False, True):
                 stats, tokens, seconds, identical = SpeculationStats(), 0, 0.0, True
-                for i, prompt in enumerate(prompts):
+                for i in range(0, len(prompts), batch):
+                    rows = prompts[i : i + batch]  # different prompts: ragged acceptance
                     g = torch.Generator().manual_seed(i)
                     gens = generate(
                         model,
                         tok,
-                        [prompt] * batch,
+                        rows,
                         cfg,
                         stop,
                         g,
@@ -132,7 +138,7 @@ def end_to_end(a: argparse.Namespace) -> dict:
                         plain = generate(
                             model,
                             tok,
-                            [prompt] * batch,
+                            rows,
                             cfg,
                             stop,
                             torch.Generator().manual_seed(i),
@@ -156,7 +162,7 @@ def end_to_end(a: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else f"CPU {cpu_capability()}",
-        "prompts": len(prompts),
+        "prompts": f"{len(prompts)} from {a.synthetic or 'HumanEval'}",
         "max_new_tokens": a.max_new_tokens,
         "results": rows,
     }
@@ -174,7 +180,13 @@ def main() -> None:
     parser.add_argument("--kv", type=int, default=1024)
     parser.add_argument("--n-future", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument(
+        "--synthetic", type=Path, help="prompts from the demo's tasks.jsonl instead of HumanEval"
+    )
+    parser.add_argument(
+        "--synthetic-split", type=Path, help="only these tasks (a processed split, e.g. test.jsonl)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
     a = parser.parse_args()

@@ -117,10 +117,11 @@ def test_task_count(n_tasks: int) -> int:
     return n_tasks - round(SPLIT[0] * n_tasks) - round(SPLIT[1] * n_tasks)
 
 
-def median_step_seconds(run_dir: Path) -> float:
-    """A finished run's median seconds per optimizer step, from its history."""
+def step_seconds(run_dir: Path) -> tuple[float, float]:
+    """A finished run's median and total seconds of its optimizer steps, from its history."""
     history = json.loads(next((run_dir / "reports").glob("*_history.json")).read_text())
-    return statistics.median(h["step_time_s"] for h in history if h.get("stage") == "step")
+    times = [h["step_time_s"] for h in history if h.get("stage") == "step"]
+    return statistics.median(times), sum(times)
 
 
 class Demo:
@@ -156,7 +157,8 @@ class Demo:
         stats = write_tasks(
             self.tasks_dir / "raw" / "tasks.jsonl", variants=self.settings.task_variants
         )
-        self.stages.done(json.dumps(stats))
+        self.programs_per_s = stats["solutions"] / max(self.stages.elapsed, 1e-3)
+        self.stages.done(f"{json.dumps(stats)}, {self.programs_per_s:.1f} programs/s")
         return stats["tasks"]
 
     def make_plan(self, test_problems: int) -> None:
@@ -164,7 +166,12 @@ class Demo:
         self.stages.start("plan", "calibrate this machine and size the demo to the budget")
         self.test_problems = test_problems
         self.calibration = calibrate(
-            s.sizes, s.limits, self.budget_s - self.stages.elapsed, self.seeds, test_problems
+            s.sizes,
+            s.limits,
+            self.budget_s - self.stages.elapsed,
+            self.seeds,
+            test_problems,
+            self.programs_per_s,
         )
         self.plan = plan(
             self.calibration,
@@ -234,6 +241,7 @@ class Demo:
             "correct training solutions; its CE precomputed",
         )
         data = self.correct_dir / "processed"
+        started = time.perf_counter()
         train(
             "micro-baseline.yaml",
             [
@@ -247,17 +255,21 @@ class Demo:
             ],
             self.config,
         )
+        measured, in_steps = step_seconds(self.runs / "reference")
+        overhead = time.perf_counter() - started - in_steps  # start-up, validation, export
         recipe = str(REPO / "recipes" / "micro-rho1.yaml")
         check(
             precompute_main([recipe, *self.reference_ce(), "--config", str(self.config)]),
             "precompute_reference",
         )
-        measured = median_step_seconds(self.runs / "reference")
         self.plan = replan(
             p, self.calibration, self.settings.limits, measured, self.stages.elapsed,
-            self.test_problems,
+            self.test_problems, overhead,
         )  # fmt: skip
-        self.stages.done(f"({measured:.2f}s per step)", p.predicted_s["reference"])
+        self.stages.done(
+            f"({measured:.2f}s per step, {overhead:.1f}s per run besides its steps)",
+            p.predicted_s["reference"],
+        )
         for warning in self.plan.warnings[len(p.warnings) :]:
             print(f"[plan] {warning}", flush=True)
 

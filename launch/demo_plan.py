@@ -20,6 +20,7 @@ import torch
 
 from assets.micro import micro_args
 from data.loader import IGNORE_INDEX
+from evaluation.generation import SamplingConfig, sample_next
 from model import ModelArgs, Transformer
 from runtime.config import MicroConfig
 from runtime.precision import resolve_precision
@@ -84,8 +85,9 @@ QUICK_LIMITS = Limits(
 
 @dataclass
 class Calibration:
-    """Seconds per training step of each size (and of its reference), and per decoding step at
-    batch 1 and at the largest batch (samples per problem)."""
+    """Seconds per training step of each size (and of its reference), per decoding step
+    (forward + nucleus sampling) at batch 1 and at the largest batch (samples per problem), and
+    the sandbox's programs per second (from labelling the tasks)."""
 
     dtype: str
     dtype_reason: str
@@ -94,6 +96,7 @@ class Calibration:
     decode_step_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     decode_batch: int = 10
     seconds: float = 0.0
+    programs_per_s: float = 0.0  # sandboxed test programs run per second (0: not measured)
 
     def decode_seconds(self, size: str, batch: int) -> float:
         """A decoding step at `batch` rows, linear between the two calibrated batches."""
@@ -172,15 +175,18 @@ def time_train_step(args: ModelArgs, dtype: torch.dtype, repeats: int = 2) -> fl
 
 @torch.no_grad()
 def time_decode_step(args: ModelArgs, dtype: torch.dtype, batch: int, steps: int = 24) -> float:
-    """Seconds of one KV-cached decoding forward of `batch` rows after a 160-token prompt."""
+    """Seconds of one KV-cached decoding step of `batch` rows after a 160-token prompt: the
+    forward and the evaluation's nucleus sampling (T=0.2, top-p 0.95)."""
     model = Transformer(args).to(dtype).eval()
     prompt = torch.randint(0, args.vocab_size, (batch, 160))
     cache = model.new_cache(batch, 160 + steps + 1)
     model(prompt, 0, cache, return_trunk=True)
-    token = prompt[:, -1:]
+    token, cfg = prompt[:, -1:], SamplingConfig(temperature=0.2, top_p=0.95)
+    generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for i in range(steps):
-        model(token, 160 + i, cache, n_heads=1)
+        logits = model(token, 160 + i, cache, n_heads=1)[:, -1, 0].float()
+        token = sample_next(logits, cfg, generator)[:, None]
     return (time.perf_counter() - start) / steps
 
 
@@ -201,13 +207,19 @@ def calibrate(
     budget_s: float,
     seeds: int | None,
     test_problems: int,
+    programs_per_s: float = 0.0,
 ) -> Calibration:
     """Times the sizes from the largest down, stopping where the plan could not choose a
     smaller one: at the first whose runs get min_steps within `budget_s` (with auto seeds, only
-    after every repeatable size)."""
+    after every repeatable size). `programs_per_s`: the sandbox's speed, measured by the caller."""
     start = time.perf_counter()
     precision = resolve_precision("auto", torch.device("cpu"))
-    calibration = Calibration(precision.name, precision.reason, decode_batch=max(limits.samples))
+    calibration = Calibration(
+        precision.name,
+        precision.reason,
+        decode_batch=max(limits.samples),
+        programs_per_s=programs_per_s,
+    )
     with Progress("  calibrating", None, "sizes", heartbeat=True) as progress:
         for i, size in enumerate(sizes):
             _time_size(calibration, size, precision.dtype)
@@ -234,14 +246,18 @@ def _eval_seconds(
     """For each of 3 × seeds runs: every test task decoded `samples` times (one batch, of
     typical length), the speculative subset (speculative ≈ 2 plain decodes on a micro model,
     plus the plain one it is timed against), HumanEval at batch 1 (to the token budget: micro
-    models rarely stop) and the three evaluations' start-up."""
+    models rarely stop), every program run in the sandbox (on the same cores as decoding, so
+    the times add) and the three evaluations' start-up."""
     step = calibration.decode_seconds(size.name, samples)
     per_problem = step * (0.6 * limits.max_new_tokens + 10)  # + the prompt's prefill
+    programs = (problems + limits.spec_baseline_problems) * samples + limits.humaneval_problems
+    execute = programs / calibration.programs_per_s if calibration.programs_per_s else 0.0
     per_run = (
         per_problem * (problems + 3 * limits.spec_baseline_problems)
         + calibration.decode_seconds(size.name, 1)
         * (limits.max_new_tokens + 10)
         * limits.humaneval_problems
+        + execute
         + 3 * limits.run_overhead_s
     )
     return 3 * seeds * per_run
@@ -381,19 +397,23 @@ def replan(
     measured_ref_step_s: float,
     elapsed_s: float,
     test_problems: int,
+    measured_overhead_s: float | None = None,
 ) -> Plan:
     """Before fine-tuning: scales every timing by how much slower (or faster) the reference run
-    was than calibrated, and resizes the fine-tuning steps to what is left of the budget."""
+    was than calibrated, takes the per-run overhead (start-up, validation, export) the reference
+    run really had, and resizes the fine-tuning steps to what is left of the budget."""
     factor = measured_ref_step_s / calibration.ref_step_s[p.size]
-    if 0.8 <= factor <= 1.25:  # within the noise of calibration
-        return p
-    scaled = Calibration(
-        calibration.dtype,
-        calibration.dtype_reason,
-        {k: v * factor for k, v in calibration.train_step_s.items()},
-        {k: v * factor for k, v in calibration.ref_step_s.items()},
-        {k: (v[0] * factor, v[1] * factor) for k, v in calibration.decode_step_s.items()},
-        calibration.decode_batch,
+    overhead = max(1.0, measured_overhead_s or limits.run_overhead_s)
+    if 0.8 <= factor <= 1.25 and 0.8 <= overhead / limits.run_overhead_s <= 1.25:
+        return p  # within the noise of calibration
+    limits = replace(limits, run_overhead_s=overhead)
+    scaled = replace(
+        calibration,
+        train_step_s={k: v * factor for k, v in calibration.train_step_s.items()},
+        ref_step_s={k: v * factor for k, v in calibration.ref_step_s.items()},
+        decode_step_s={
+            k: (v[0] * factor, v[1] * factor) for k, v in calibration.decode_step_s.items()
+        },
     )
     size = Size(p.size, p.micro)
     left = p.budget_s * (1 - limits.margin) - elapsed_s - limits.run_overhead_s
@@ -401,8 +421,8 @@ def replan(
     fits = _steps_that_fit(scaled, size, train_only, left, p.seeds, test_problems, p.eval_samples)
     steps = min(limits.max_steps, max(limits.floor_steps, fits))
     note = (
-        f"the reference trained at {factor:.2f}× its calibrated step time: fine-tuning steps "
-        f"{p.finetune_steps} → {steps}"
+        f"the reference trained at {factor:.2f}× its calibrated step time, with {overhead:.0f}s "
+        f"per run besides its steps: fine-tuning steps {p.finetune_steps} → {steps}"
     )
     updated = replace(
         p,

@@ -80,7 +80,8 @@ class Progress:
             if self.total is not None
             else shown(self.done)
         )
-        text = f"{self.label} {counted} {self.unit}, {rate / self.scale:.3g} {self.unit}/s, {duration(elapsed)} elapsed"
+        speed = f"{rate / self.scale:.3g} {self.unit}/s, " if rate > 0 else ""
+        text = f"{self.label} {counted} {self.unit}, {speed}{duration(elapsed)} elapsed"
         if self.total and rate > 0 and self.done < self.total:
             text += f", ETA {duration((self.total - self.done) / rate)}"
         return text + (f" | {self.extra}" if self.extra else "")

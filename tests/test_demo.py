@@ -15,9 +15,11 @@ LIMITS = Limits()
 TEST_PROBLEMS = 56
 
 
-def machine(train_step_s: float, decode_ms: float = 3.0) -> Calibration:
+def machine(
+    train_step_s: float, decode_ms: float = 3.0, programs_per_s: float = 30.0
+) -> Calibration:
     """A calibration of every size: each smaller rung is 1.8× cheaper."""
-    calibration = Calibration("float32", "test machine")
+    calibration = Calibration("float32", "test machine", programs_per_s=programs_per_s)
     for i, size in enumerate(SIZES):
         step = train_step_s / 1.8**i
         calibration.train_step_s[size.name] = step
@@ -72,6 +74,14 @@ def test_slow_decoding_trades_samples_per_problem_for_time_but_keeps_every_probl
     assert total(slow) <= 1200 * (1 - LIMITS.margin) - 25  # taken from training, not the budget
 
 
+def test_a_slow_sandbox_counts_in_the_evaluation_and_costs_samples_not_the_budget():
+    fast = plan(machine(1.5, programs_per_s=30), SIZES, LIMITS, 1200, 25, 1, TEST_PROBLEMS)
+    slow = plan(machine(1.5, programs_per_s=3), SIZES, LIMITS, 1200, 25, 1, TEST_PROBLEMS)
+    assert slow.predicted_s["evaluation"] > fast.predicted_s["evaluation"]
+    assert slow.eval_samples < fast.eval_samples
+    assert total(slow) <= 1200 * (1 - LIMITS.margin) - 25
+
+
 def test_replan_resizes_fine_tuning_to_the_speed_the_reference_really_ran_at():
     calibration = machine(0.56 * 4)
     p = plan(calibration, SIZES, LIMITS, 1200, 60, 1, TEST_PROBLEMS)
@@ -82,6 +92,19 @@ def test_replan_resizes_fine_tuning_to_the_speed_the_reference_really_ran_at():
     assert slower.finetune_steps < p.finetune_steps and "2.00×" in slower.warnings[-1]
     spent = 60 + p.predicted_s["reference"] * 2
     assert spent + slower.predicted_s["fine-tuning"] + slower.predicted_s["evaluation"] <= 1200
+
+
+def test_replan_takes_the_per_run_overhead_the_reference_really_had():
+    """On a slow machine start-up, validation and export take longer too, not only the steps."""
+    calibration = machine(0.56 * 12)
+    p = plan(calibration, SIZES, LIMITS, 1200, 60, 1, TEST_PROBLEMS)
+    measured = calibration.ref_step_s[p.size]
+    same = replan(p, calibration, LIMITS, measured, 200, TEST_PROBLEMS, LIMITS.run_overhead_s)
+    assert same is p
+    slow_start = replan(p, calibration, LIMITS, measured, 200, TEST_PROBLEMS, 30.0)
+    assert slow_start.finetune_steps < p.finetune_steps and "30s per run" in slow_start.warnings[-1]
+    left = 1200 * (1 - LIMITS.margin) - 200 - 30.0  # the report run, at the measured overhead
+    assert slow_start.predicted_s["fine-tuning"] + slow_start.predicted_s["evaluation"] <= left
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

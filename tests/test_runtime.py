@@ -101,6 +101,7 @@ def test_heartbeat_shows_a_long_step_is_alive():
         time.sleep(1.0)  # one step that takes longer than the interval
     beats = [line for line in out.getvalue().splitlines() if line.startswith("[train] 0/10 steps")]
     assert len(beats) >= 3 and "elapsed" in beats[-1]
+    assert "steps/s" not in beats[-1]  # no rate until something is done
 
 
 def test_progress_scales_bytes_and_redraws_a_live_bar_on_a_terminal():
