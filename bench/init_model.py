@@ -1,11 +1,12 @@
 """A randomly initialised MTP model dir of any shape, for benchmarks that need a bigger model
 than the micro ones (train it with `train_wmtp.py ... model.base=OUT`):
 
-    python -m bench.init_model OUT --tokenizer TOKENIZER.model --dim 768 --n-layers 12 \\
+    python -m bench.init_model OUT --tokenizer TOKENIZER.model --dim 768 --n-layers 15 \\
         --n-heads 12 --n-kv-heads 12 --multiple-of 256
 
-`--n-layers` counts as Meta's does (trunk + head 0); `--n-future` heads in all. The vocabulary
-is the tokenizer's. Written as fp16 safetensors with SHA256SUMS, like prepare_assets step 5.
+`--n-layers` counts blocks as Meta's params.json does, trunk and all `--n-future` heads (7B_1T_4:
+28 + 4 = 32); the defaults make 112 M parameters with a 4000-piece tokenizer. The vocabulary is
+the tokenizer's. Written as fp16 safetensors with SHA256SUMS, like prepare_assets step 5.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--n-layers", type=int, default=12)
+    parser.add_argument("--n-layers", type=int, default=15)
     parser.add_argument("--n-heads", type=int, default=12)
     parser.add_argument("--n-kv-heads", type=int, default=12)
     parser.add_argument("--multiple-of", type=int, default=256)

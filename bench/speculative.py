@@ -120,12 +120,12 @@ def end_to_end(a: argparse.Namespace) -> dict:
             for speculative in (False, True):
                 stats, tokens, seconds, identical = SpeculationStats(), 0, 0.0, True
                 for i in range(0, len(prompts), batch):
-                    rows = prompts[i : i + batch]  # different prompts: ragged acceptance
+                    batch_prompts = prompts[i : i + batch]  # different prompts: ragged acceptance
                     g = torch.Generator().manual_seed(i)
                     gens = generate(
                         model,
                         tok,
-                        rows,
+                        batch_prompts,
                         cfg,
                         stop,
                         g,
@@ -138,7 +138,7 @@ def end_to_end(a: argparse.Namespace) -> dict:
                         plain = generate(
                             model,
                             tok,
-                            rows,
+                            batch_prompts,
                             cfg,
                             stop,
                             torch.Generator().manual_seed(i),
