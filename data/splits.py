@@ -26,6 +26,12 @@ def split_ratios(text: str) -> tuple[float, float, float]:
     return ratios
 
 
+def split_sizes(n_tasks: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """How many of `n_tasks` `seeded_split` puts in train, validation and test."""
+    n_train, n_val = round(ratios[0] * n_tasks), round(ratios[1] * n_tasks)
+    return n_train, n_val, n_tasks - n_train - n_val
+
+
 def seeded_split(
     task_ids: Iterable[str], seed: int, ratios: tuple[float, float, float] = DEFAULT_RATIOS
 ) -> dict[str, str]:
@@ -36,8 +42,7 @@ def seeded_split(
         )
     ids = sorted(set(task_ids))
     random.Random(seed).shuffle(ids)
-    n_train = round(ratios[0] * len(ids))
-    n_val = round(ratios[1] * len(ids))
+    n_train, n_val, _ = split_sizes(len(ids), ratios)
     return {
         tid: "train" if i < n_train else "validation" if i < n_train + n_val else "test"
         for i, tid in enumerate(ids)

@@ -220,6 +220,17 @@ def compare(
     return result
 
 
+def result_cells(entry: dict, k: int) -> str:
+    """One experiment's table cells for a benchmark: pass@k [CI] | Δ [CI] | p | verdict."""
+    passed = Interval(**entry[f"pass@{k}"]).text()
+    if "delta_vs_baseline" not in entry:
+        return f"{passed} | – | – | baseline"
+    d = entry["delta_vs_baseline"]
+    delta = Interval(d["mean"], d["ci_low"], d["ci_high"], d["p_value"])
+    verdict = "**significant**" if d["significant"] else "not significant: could be noise"
+    return f"{passed} | {delta.text()} | {delta.p_value:.3g} | {verdict}"
+
+
 def markdown(result: dict) -> str:
     k, base, alpha = result["k"], result["baseline"], result["alpha"]
     lines = [
@@ -239,18 +250,9 @@ def markdown(result: dict) -> str:
         ]
         for name, per_bench in result["experiments"].items():
             e = per_bench[bench]
-            p = Interval(**e[f"pass@{k}"])
-            if "delta_vs_baseline" in e:
-                d = e["delta_vs_baseline"]
-                delta = Interval(d["mean"], d["ci_low"], d["ci_high"], d["p_value"])
-                verdict = (
-                    "**significant**" if d["significant"] else "not significant: could be noise"
-                )
-                cells = f"{delta.text()} | {delta.p_value:.3g} | {verdict}"
-            else:
-                cells = "– | – | baseline"
             lines.append(
-                f"| {name} | {e['n_problems']} × {e['samples_per_problem']} | {p.text()} | {cells} |"
+                f"| {name} | {e['n_problems']} × {e['samples_per_problem']} | "
+                f"{result_cells(e, k)} |"
             )
         widths = [
             Interval(**per_bench[bench][f"pass@{k}"]).half_width

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from data.splits import split_sizes
 from launch.demo_plan import (
     QUICK_LIMITS,
     QUICK_SIZES,
@@ -112,11 +113,6 @@ def train(recipe: str, overrides: list[str], config: Path) -> None:
     )
 
 
-def test_task_count(n_tasks: int) -> int:
-    """How many tasks `data.splits.seeded_split` puts in the test split."""
-    return n_tasks - round(SPLIT[0] * n_tasks) - round(SPLIT[1] * n_tasks)
-
-
 def step_seconds(run_dir: Path) -> tuple[float, float]:
     """A finished run's median and total seconds of its optimizer steps, from its history."""
     history = json.loads(next((run_dir / "reports").glob("*_history.json")).read_text())
@@ -141,7 +137,7 @@ class Demo:
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         n_tasks = self.make_tasks()
-        self.make_plan(test_task_count(n_tasks))
+        self.make_plan(split_sizes(n_tasks, SPLIT)[2])
         self.make_assets()
         self.process_tasks()
         self.train_reference()

@@ -9,7 +9,7 @@ import statistics
 from html import escape
 from pathlib import Path
 
-from evaluation.compare import Interval
+from evaluation.compare import Interval, decoding_facts, result_cells
 from launch.demo_plan import Calibration, Plan
 from runtime.integrity import atomic_write_text
 from runtime.plots import line_chart_svg
@@ -45,10 +45,7 @@ def run_facts(runs: list[Path]) -> dict[str, float | None]:
     """Throughput and decoding facts of one algorithm, averaged over its seeds' runs."""
     histories = [_history(run) for run in runs]
     summaries = [_read(run / "eval" / "summary.json").get("tasks", {}) for run in runs]
-    speculative = [
-        _read(run / "eval-speculative" / "summary.json").get("tasks", {}) for run in runs
-    ]
-    spec_keys = sorted({k for s in speculative for k in s if k.startswith(("spec_", "plain_"))})
+    speculative = decoding_facts([run / "eval-speculative" for run in runs]).get("tasks", {})
     facts = {
         "final weighted loss": _mean([h[-1]["loss"] for h in histories if h]),
         "head-0 CE (train, last step)": _mean([h[-1]["ce_head0"] for h in histories if h]),
@@ -59,7 +56,7 @@ def run_facts(runs: list[Path]) -> dict[str, float | None]:
             [s.get("tokens_per_s") for s in summaries]
         ),
     }
-    return facts | {key: _mean([s.get(key) for s in speculative]) for key in spec_keys}
+    return facts | dict(sorted(speculative.items()))
 
 
 FACT_LABELS = {
@@ -130,18 +127,9 @@ def result_lines(comparison: dict, bench: str, plan: Plan) -> list[str]:
         f"| algorithm | pass@1 [95% CI] | Δ vs {base} [95% CI] | p (paired) | verdict |",
         "| --- | --- | --- | ---: | --- |",
     ]
-    for algo, per_bench in rows.items():
-        e = per_bench[bench]
-        p = Interval(**e["pass@1"])
-        if "delta_vs_baseline" in e:
-            d = e["delta_vs_baseline"]
-            delta = Interval(d["mean"], d["ci_low"], d["ci_high"], d["p_value"])
-            verdict = "**significant**" if d["significant"] else "not significant: could be noise"
-            lines.append(
-                f"| {algo} | {p.text()} | {delta.text()} | {delta.p_value:.3g} | {verdict} |"
-            )
-        else:
-            lines.append(f"| {algo} | {p.text()} | – | – | baseline |")
+    lines += [
+        f"| {algo} | {result_cells(per_bench[bench], 1)} |" for algo, per_bench in rows.items()
+    ]
     widths = [Interval(**per_bench[bench]["pass@1"]).half_width for per_bench in rows.values()]
     lines += ["", f"Interval half-width: ±{max(widths):.3f} (pass@1)."]
     return lines
