@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from model.tokenizer import Tokenizer
 from model.transformer import KVCache, TransformerBlock, rotary_tables
 from model.weights import build_model, load_checkpoint_dir
 from runtime.precision import DTYPE_NAMES, cpu_capability, resolve_precision
+from runtime.progress import Progress
 
 TRUNK_7B, HEADS_7B = 28, 4
 
@@ -111,6 +114,8 @@ def end_to_end(a: argparse.Namespace) -> dict:
     stop = ["\n### "]
     n_params = sum(p.numel() for p in model.parameters())
     rows = []
+    batches = sum(math.ceil(len(prompts) / b) for b in (1, 8)) * 2 * 2  # × speculative × T
+    progress = Progress("[bench] decode", batches, "batches", stream=sys.stderr, heartbeat=True)
     for temperature in (0.0, 0.2):
         for batch in (1, 8):
             cfg = SamplingConfig(
@@ -132,6 +137,7 @@ def end_to_end(a: argparse.Namespace) -> dict:
                         speculative=speculative,
                         stats=stats,
                     )
+                    progress.update(extra=f"T={temperature}, batch {batch}")
                     tokens += sum(len(x.tokens) for x in gens)
                     seconds += gens[0].seconds
                     if speculative and temperature == 0:
@@ -155,6 +161,7 @@ def end_to_end(a: argparse.Namespace) -> dict:
                 result["speculative_tokens_per_s"] / result["plain_tokens_per_s"], 2
             )
             rows.append(result)
+    progress.close()
     return {
         "ckpt": str(a.ckpt),
         "n_params": n_params,
