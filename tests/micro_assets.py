@@ -111,3 +111,8 @@ def env_config(path: Path, tmp: Path) -> Path:
 def history(output_dir: Path) -> list[dict]:
     files = sorted((output_dir / "reports").glob("*_history.json"))
     return json.loads(files[-1].read_text())
+
+
+def losses(output_dir: Path) -> list[float]:
+    """The loss of every optimizer step in a run's history."""
+    return [h["loss"] for h in history(output_dir) if h.get("stage") == "step"]

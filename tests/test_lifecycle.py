@@ -14,7 +14,7 @@ import mlflow
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.micro_assets import history, write_recipe
+from tests.micro_assets import history, losses, write_recipe
 from train_wmtp import main as train_main
 from training.promote import main as promote_main
 
@@ -28,10 +28,6 @@ def recipe_for(micro, tmp: Path, name: str, **sections) -> Path:
     _, assets, _ = micro
     merged = {k: {**BASE.get(k, {}), **sections.get(k, {})} for k in {*BASE, *sections}}
     return write_recipe(tmp / f"{name}.yaml", assets, "baseline", tmp / name, **merged)
-
-
-def losses(out: Path) -> list[float]:
-    return [h["loss"] for h in history(out) if h.get("stage") == "step"]
 
 
 def registry(micro):

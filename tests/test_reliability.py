@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.fault_cases import FAULTS
-from tests.micro_assets import history, write_recipe
+from tests.micro_assets import history, losses, write_recipe
 from train_wmtp import main as train_main
 
 CASE_IDS = {f.id for f in FAULTS}
@@ -30,10 +30,6 @@ BASE = {"train": {"max_steps": 8, "eval_every": 2, "eval_batches": 1, "log_every
 def case(fault_id: str) -> str:
     assert fault_id in CASE_IDS, f"{fault_id} is not in tests/fault_cases.py"
     return fault_id
-
-
-def losses(out: Path) -> list[float]:
-    return [h["loss"] for h in history(out) if h.get("stage") == "step"]
 
 
 def steps_logged(out: Path) -> list[int]:
