@@ -16,16 +16,10 @@ from pathlib import Path
 
 import torch
 
-from data.records import read_records
 from evaluation.generation import SamplingConfig
 from evaluation.sandbox import Limits, Sandbox
 from evaluation.scoring import evaluate_problems, metrics_for_mlflow, summarize, write_results
-from evaluation.tasks import (
-    codecontests_problems,
-    humaneval_problems,
-    mbpp_problems,
-    synthetic_problems,
-)
+from evaluation.tasks import BENCHMARKS, load_problems
 from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
 from runtime.cli import ArgumentParser, entry_point, positive_ints
@@ -35,7 +29,7 @@ from runtime.precision import DTYPE_NAMES, resolve_precision
 from runtime.schema import ConfigError
 from runtime.tracking import Tracker
 
-TASKS = ("mbpp", "humaneval", "codecontests", "tasks")
+TASKS = BENCHMARKS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,23 +126,24 @@ def load_model(ckpt: Path, device: torch.device, dtype: torch.dtype):
 
 
 def problems_for(task: str, a: argparse.Namespace, storage_root: str):
-    condition = a.condition == "correct"
-    if task == "mbpp":
-        path = a.mbpp or Path(storage_root) / "datasets_v2" / "mbpp" / "raw" / "mbpp.jsonl"
-        problems = mbpp_problems(path, style=a.prompt_style, condition=condition)
-    elif task == "humaneval":
-        problems = humaneval_problems(a.humaneval, style=a.prompt_style, condition=condition)
-    elif task == "tasks":
-        if not a.synthetic:
-            raise ConfigError("--tasks tasks needs --synthetic (the synthetic task JSONL)")
-        ids = {r.task_id for r in read_records(a.synthetic_split)} if a.synthetic_split else None
-        problems = synthetic_problems(a.synthetic, ids, condition)
-    else:
-        path = (
-            a.codecontests or Path(storage_root) / "datasets_v2" / "codecontests" / "raw" / "test"
-        )
-        problems = codecontests_problems(path, a.max_tests, condition)
-    return problems[: a.limit] if a.limit else problems
+    datasets = Path(storage_root) / "datasets_v2"
+    sources = {
+        "mbpp": a.mbpp or datasets / "mbpp" / "raw" / "mbpp.jsonl",
+        "humaneval": a.humaneval,
+        "codecontests": a.codecontests or datasets / "codecontests" / "raw" / "test",
+        "tasks": a.synthetic,
+    }
+    if task == "tasks" and not a.synthetic:
+        raise ConfigError("--tasks tasks needs --synthetic (the synthetic task JSONL)")
+    return load_problems(
+        task,
+        sources[task],
+        split=a.synthetic_split,
+        style=a.prompt_style,
+        condition=a.condition == "correct",
+        max_tests=a.max_tests,
+        limit=a.limit,
+    )
 
 
 @entry_point

@@ -9,6 +9,10 @@ than seq_len are left out (cutting them would drop the response, the only part w
 
 Labels: position t of head k targets the token t+k+1 of the same sample, and only when that
 token is part of the response (response + eos): prompts, padding and other samples never are.
+Everything the step needs to know about a batch's shape is computed here, on the host, while the
+rows are collated: each head's target positions and counts, the real (non-padding) tokens and,
+with a precomputed reference CE store, each token's reference CE. The step then never has to
+read a device tensor to size its work.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.reference_ce import ReferenceCEStore
 from data.tokenized import TokenizedSplit
 
 IGNORE_INDEX = -100
@@ -40,11 +45,28 @@ class LoaderConfig:
 
 @dataclass
 class Batch:
+    """One micro-batch of rows. `targets[k]` are the flat positions (into B·L) where head k has
+    a target, `n_targets[k]` their number and `n_tokens` the non-padding tokens: host values,
+    known before the batch reaches the device."""
+
     tokens: torch.Tensor  # (B, L) long
     labels: torch.Tensor  # (B, L, H) long, IGNORE_INDEX where no loss
     segment_ids: torch.Tensor  # (B, L) long: index of the sample within its row, -1 on padding
     token_is_correct: torch.Tensor  # (B, L) bool: is_correct of the sample each token belongs to
     sample_ids: list[list[str]]  # per row, in segment order
+    targets: tuple[torch.Tensor, ...] = ()  # per head: (n_targets[k],) long
+    n_targets: tuple[int, ...] = ()
+    n_tokens: int = 0
+    ref_ce: torch.Tensor | None = None  # (B, L) float32: reference CE of token t+1, NaN if none
+
+    def __post_init__(self) -> None:
+        if not self.targets:  # a batch built by hand: find the targets from its labels
+            flat = self.labels.flatten(0, 1)
+            self.targets = tuple(
+                (flat[:, k] != IGNORE_INDEX).nonzero().squeeze(1) for k in range(flat.shape[1])
+            )
+            self.n_targets = tuple(len(t) for t in self.targets)
+            self.n_tokens = int((self.segment_ids >= 0).sum())
 
     @property
     def valid(self) -> torch.Tensor:
@@ -58,7 +80,17 @@ class Batch:
             self.segment_ids.to(device),
             self.token_is_correct.to(device),
             self.sample_ids,
+            tuple(t.to(device) for t in self.targets),
+            self.n_targets,
+            self.n_tokens,
+            self.ref_ce.to(device) if self.ref_ce is not None else None,
         )
+
+
+def micro_batches(rows: int, micro_batch: int) -> list[int]:
+    """Sizes of the micro-batches that make up one step of `rows` rows."""
+    full, rest = divmod(rows, micro_batch)
+    return [micro_batch] * full + ([rest] if rest else [])
 
 
 def head_labels(sample: np.ndarray, prompt_len: int, n_heads: int) -> np.ndarray:
@@ -76,13 +108,19 @@ class TrainLoader:
     """Infinite iterator of Batches with `state_dict()` / `load_state_dict()` for exact resume."""
 
     def __init__(
-        self, data: TokenizedSplit, config: LoaderConfig, rank: int = 0, world_size: int = 1
+        self,
+        data: TokenizedSplit,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        reference_ce: ReferenceCEStore | None = None,
     ):
         if len(data) == 0:
             raise ValueError("the training split is empty")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data, self.config, self.rank, self.world_size = data, config, rank, world_size
+        self.reference_ce = reference_ce
         self.eligible = np.flatnonzero(data.lengths <= config.seq_len)
         self.n_skipped = len(data) - len(self.eligible)
         if len(self.eligible) == 0:
@@ -104,6 +142,12 @@ class TrainLoader:
             "step": self.step,
             "seed": self.config.seed,
         }
+
+    def rewind(self) -> TrainLoader:
+        """Back to the first batch of epoch 0 (a validation loader reads the same batches each
+        time); returns itself."""
+        self.load_state_dict({"epoch": 0, "offset": 0, "step": 0, "seed": self.config.seed})
+        return self
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.config.seed) != self.config.seed:
@@ -148,6 +192,7 @@ class TrainLoader:
         labels = np.full((len(rows), width, cfg.n_heads), IGNORE_INDEX, dtype=np.int64)
         segments = np.full((len(rows), width), -1, dtype=np.int64)
         correct = np.zeros((len(rows), width), dtype=bool)
+        ref_ce = np.full((len(rows), width), np.nan, np.float32) if self.reference_ce else None
         for b, row in enumerate(rows):
             pos = 0
             for seg, index in enumerate(row):
@@ -159,13 +204,25 @@ class TrainLoader:
                 )
                 segments[b, pos:end] = seg
                 correct[b, pos:end] = self.data.is_correct[index]
+                if ref_ce is not None:
+                    values = self.reference_ce.values(self.data.sample_ids[index])
+                    values = values[: len(sample) - 1]
+                    ref_ce[b, pos : pos + len(values)] = values
                 pos = end
+        flat = labels.reshape(-1, cfg.n_heads)
+        targets = tuple(
+            torch.from_numpy(np.flatnonzero(flat[:, k] != IGNORE_INDEX)) for k in range(cfg.n_heads)
+        )
         return Batch(
             torch.from_numpy(tokens),
             torch.from_numpy(labels),
             torch.from_numpy(segments),
             torch.from_numpy(correct),
             [[self.data.sample_ids[i] for i in row] for row in rows],
+            targets,
+            tuple(len(t) for t in targets),
+            int((segments >= 0).sum()),
+            torch.from_numpy(ref_ce) if ref_ce is not None else None,
         )
 
     def next_batch(self, batch_size: int | None = None) -> Batch:
@@ -175,6 +232,11 @@ class TrainLoader:
         mine = rows[self.rank * size : (self.rank + 1) * size]
         self.step += 1
         return self._collate(mine)
+
+    def next_step(self, rows: int, micro_batch: int) -> list[Batch]:
+        """One optimizer step's `rows` rows (per rank) in micro-batches of `micro_batch` (the
+        last may be smaller)."""
+        return [self.next_batch(n) for n in micro_batches(rows, micro_batch)]
 
     def split_is_correct(self) -> np.ndarray:
         """is_correct of every sample this loader can serve (the critic's reward labels)."""

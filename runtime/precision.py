@@ -8,6 +8,7 @@ the benchmarks) resolves its dtype here and prints the choice with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -98,3 +99,10 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     if native:
         return Precision(torch.bfloat16, f"auto: {where} computes bf16 natively")
     return Precision(torch.float32, f"auto: {where} has no native bf16, float32 is faster")
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` for reduced-precision compute; nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

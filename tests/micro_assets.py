@@ -12,6 +12,7 @@ from data.process import ProcessConfig
 from model import ModelArgs, Transformer
 from model.tokenizer import train_tokenizer
 from model.weights import save_model_dir
+from runtime.history import read_history
 
 VOCAB = 1000
 
@@ -109,8 +110,7 @@ def env_config(path: Path, tmp: Path) -> Path:
 
 
 def history(output_dir: Path) -> list[dict]:
-    files = sorted((output_dir / "reports").glob("*_history.json"))
-    return json.loads(files[-1].read_text())
+    return read_history(output_dir)
 
 
 def losses(output_dir: Path) -> list[float]:

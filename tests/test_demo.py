@@ -119,13 +119,21 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     comparison = json.loads((out / "reports" / "comparison.json").read_text())
     assert comparison["baseline"] == "baseline" and "tasks" in comparison["benchmarks"]
+    means = {}
     for algo in ("baseline", "rho1-wmtp", "critic-wmtp"):
         tasks = comparison["experiments"][algo]["tasks"]
-        ci = tasks["pass@1"]
-        assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
         assert tasks["samples_per_problem"] == 2 * 2  # two seeds pooled, two samples each
+        rates = pass_rates(out / "runs" / algo)  # recomputed from the verdicts on disk
+        means[algo] = sum(rates.values()) / len(rates)
+        ci = tasks["pass@1"]
+        assert ci["mean"] == pytest.approx(means[algo])  # the comparison reads these verdicts
+        assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+        assert (ci["ci_low"] < ci["ci_high"]) == (len(set(rates.values())) > 1)
         if algo != "baseline":
-            assert 0 <= tasks["delta_vs_baseline"]["p_value"] <= 1
+            delta = tasks["delta_vs_baseline"]
+            assert delta["mean"] == pytest.approx(means[algo] - means["baseline"])
+            outside = not delta["ci_low"] <= 0 <= delta["ci_high"]
+            assert delta["significant"] == (delta["p_value"] < 0.05 and outside)
         assert "val_ce_head0" in comparison["training"][algo]
         for seed in (0, 1):
             run = out / "runs" / algo / f"seed{seed}"
@@ -154,6 +162,16 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         "mtp/critic-wmtp/tasks",
         "mtp/eval",
     } <= names
+
+
+def pass_rates(algo_dir) -> dict[str, float]:
+    """Per test task: the share of passing samples over every seed's eval of an algorithm."""
+    passed: dict[str, list[bool]] = {}
+    for samples in sorted(algo_dir.glob("seed*/eval/tasks_samples.jsonl")):
+        for line in samples.read_text().splitlines():
+            row = json.loads(line)
+            passed.setdefault(row["task_id"], []).append(bool(row["passed"]))
+    return {task: sum(v) / len(v) for task, v in passed.items()}
 
 
 def test_bad_demo_arguments_are_one_line(capsys):

@@ -14,6 +14,7 @@ import mlflow
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.faults import FaultPlan
 from tests.micro_assets import history, losses, write_recipe
 from train_wmtp import main as train_main
 from training.promote import main as promote_main
@@ -98,6 +99,11 @@ def s3_config(micro, tmp: Path, endpoint: str) -> Path:
     return path
 
 
+def with_faults(cmd: list[str], faults: FaultPlan) -> list[str]:
+    """`python train_wmtp.py ...` run through the fault injector."""
+    return [cmd[0], "-m", "tests.faults", faults.to_json(), *cmd[1:]]
+
+
 def remote_keys(client, prefix: str) -> list[str]:
     return sorted(
         o["Key"]
@@ -112,10 +118,11 @@ def test_checkpoints_are_mirrored_and_resume_from_s3_on_a_clean_disk(micro, tmp_
     reference = recipe_for(micro, tmp_path, "reference", train={"max_steps": 8})
     assert train_main([str(reference), "--config", str(micro[2])]) == 0
     # dies after step 6 (its upload done during the stall): the machine is lost
-    run = recipe_for(micro, tmp_path, "run", faults={"stall_after_step": 6, "stall_seconds": 3, "kill_at_step": 6},
-                     **sections)  # fmt: skip
+    run = recipe_for(micro, tmp_path, "run", **sections)
     cmd = [sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(run), "--config", str(config)]
-    killed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    faults = FaultPlan(stall_after_step=6, stall_seconds=3, kill_at_step=6)
+    killed = subprocess.run(with_faults(cmd, faults), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
     assert killed.returncode == 137, killed.stderr[-3000:]
     keys = remote_keys(client, "team/runs/mirrored/")
     assert sorted({k.split("/")[4] for k in keys if "/checkpoints/" in k}) == [
@@ -128,8 +135,7 @@ def test_checkpoints_are_mirrored_and_resume_from_s3_on_a_clean_disk(micro, tmp_
     assert len(meta["Metadata"]["sha256"]) == 64
 
     shutil.rmtree(tmp_path / "run")  # a new machine: nothing on local disk
-    resumed = subprocess.run([*cmd, "faults.kill_at_step=null", "faults.stall_after_step=null"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (
         "[resume] downloaded s3://wmtp-mirror/team/runs/mirrored/checkpoints/step_0000006"
@@ -149,16 +155,16 @@ def test_a_half_uploaded_checkpoint_is_never_used(micro, tmp_path, s3):
     config = s3_config(micro, tmp_path, endpoint)
     reference = recipe_for(micro, tmp_path, "reference")
     assert train_main([str(reference), "--config", str(micro[2])]) == 0
-    run = recipe_for(micro, tmp_path, "run", run={"name": "torn"}, faults={"kill_at": ["upload:4"]})
+    run = recipe_for(micro, tmp_path, "run", run={"name": "torn"})
     cmd = [sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(run), "--config", str(config)]
-    killed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    faults = FaultPlan(kill_at=["upload:4"])
+    killed = subprocess.run(with_faults(cmd, faults), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
     assert killed.returncode == 137, killed.stderr[-3000:]
     keys = remote_keys(client, "team/runs/torn/checkpoints/step_0000004/")
     assert keys and not any(k.endswith("SHA256SUMS") for k in keys)  # died mid-upload
     shutil.rmtree(tmp_path / "run")
-    resumed = subprocess.run(
-        [*cmd, "faults.kill_at=[]"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
+    resumed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoints/step_0000002" in resumed.stdout and "(step 2)" in resumed.stdout
     assert losses(tmp_path / "run") == losses(tmp_path / "reference")
@@ -167,14 +173,9 @@ def test_a_half_uploaded_checkpoint_is_never_used(micro, tmp_path, s3):
 def test_an_s3_outage_stops_the_run_with_exit_5(micro, tmp_path, s3):
     endpoint, _ = s3
     config = s3_config(micro, tmp_path, endpoint)
-    run = recipe_for(
-        micro,
-        tmp_path,
-        "run",
-        run={"name": "outage"},
-        faults={"stall_after_step": 2, "stall_seconds": 4},
-    )
+    run = recipe_for(micro, tmp_path, "run", run={"name": "outage"})
     cmd = [sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(run), "--config", str(config)]
+    cmd = with_faults(cmd, FaultPlan(stall_after_step=2, stall_seconds=4))
     env = {**os.environ, "AWS_MAX_ATTEMPTS": "1"}
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data.reference_ce import ReferenceCEStore, ReferenceCEWriter
 from model import ModelArgs, Transformer
-from training.reference import ReferenceCEStore, ReferenceCEWriter, reference_next_token_ce
+from training.reference import reference_next_token_ce
 
 
 def test_reference_next_token_ce_equals_full_logits_ce():

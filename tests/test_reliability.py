@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from runtime.history import run_id_of
 from tests.conftest import REPO_ROOT
 from tests.fault_cases import FAULTS
+from tests.faults import FaultPlan, injected
 from tests.micro_assets import history, losses, write_recipe
 from train_wmtp import main as train_main
 
@@ -42,19 +45,24 @@ def recipe_for(micro, tmp: Path, name: str, algo: str = "baseline", **sections) 
     return write_recipe(tmp / f"{name}.yaml", assets, algo, tmp / name, **merged)
 
 
-def train_process(
-    micro, recipe: Path, *overrides: str, timeout: int = 300
-) -> subprocess.CompletedProcess:
+def train_command(micro, recipe: Path, faults: FaultPlan | None = None) -> list[str]:
+    """train_wmtp.py on `recipe`, through the fault injector when there are `faults`."""
     _, _, config = micro
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "train_wmtp.py"),
-        str(recipe),
-        "--config",
-        str(config),
-        *overrides,
-    ]
+    injector = ["-m", "tests.faults", faults.to_json()] if faults else []
+    return [sys.executable, *injector, str(REPO_ROOT / "train_wmtp.py"), str(recipe),
+            "--config", str(config)]  # fmt: skip
+
+
+def train_process(
+    micro, recipe: Path, *overrides: str, faults: FaultPlan | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    cmd = [*train_command(micro, recipe, faults), *overrides]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_process(micro, recipe: Path, faults: FaultPlan) -> int:
+    with injected(faults):
+        return train_main([str(recipe), "--config", str(micro[2])])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,7 @@ def uninterrupted(micro, tmp_path_factory):
 
 def mlflow_run(micro, out: Path):
     root = micro[0]
-    run_id = next((out / "reports").glob("*_history.json")).name.removesuffix("_history.json")
+    run_id = run_id_of(out)
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
 
 
@@ -75,15 +83,13 @@ def mlflow_run(micro, out: Path):
 @pytest.mark.dist
 def test_oom_on_one_rank_stops_both_ranks_with_exit_4(micro, tmp_path):
     case("oom-one-rank")
-    recipe = recipe_for(micro, tmp_path, "run", train={"max_steps": 6, "fsdp": "on"},
-                        faults={"oom_at_steps": [3], "oom_ranks": [1]})  # fmt: skip
-    _, _, config = micro
+    recipe = recipe_for(micro, tmp_path, "run", train={"max_steps": 6, "fsdp": "on"})
+    faults = FaultPlan(oom_at_steps=[3], oom_ranks=[1])
     start, procs = time.perf_counter(), []
     for rank in (0, 1):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631", "WORLD_SIZE": "2",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}  # fmt: skip
-        cmd = [sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(recipe), "--config", str(config),
-               "run.dist_timeout_s=600"]  # fmt: skip
+        cmd = [*train_command(micro, recipe, faults), "run.dist_timeout_s=600"]
         procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [p.communicate(timeout=120)[0] for p in procs]
@@ -105,16 +111,14 @@ def test_oom_with_an_odd_micro_batch_keeps_the_rows_of_every_step(micro, tmp_pat
     sections = {"data": {"micro_batch_size": 3}, "train": {"max_steps": 6}}
     reference = recipe_for(micro, tmp_path, "reference", **sections)
     assert train_main([str(reference), "--config", str(micro[2])]) == 0
-    shrunk = recipe_for(
-        micro, tmp_path, "shrunk", faults={"oom_at_steps": [3], "kill_at_step": 5}, **sections
-    )
-    killed = train_process(micro, shrunk)
+    shrunk = recipe_for(micro, tmp_path, "shrunk", **sections)
+    killed = train_process(micro, shrunk, faults=FaultPlan(oom_at_steps=[3], kill_at_step=5))
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert (
         "micro-batch 3 -> 1; the step keeps its 3 rows in 3 micro-batches [1, 1, 1]"
         in killed.stdout
     )
-    resumed = train_process(micro, shrunk, "faults.kill_at_step=null")
+    resumed = train_process(micro, shrunk)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(step 4)" in resumed.stdout  # resumed from step 4, saved with micro-batch 1
     assert losses(tmp_path / "shrunk") == pytest.approx(losses(tmp_path / "reference"), rel=1e-5)
@@ -133,15 +137,20 @@ needs_mount_namespace = pytest.mark.skipif(
 
 
 def run_with_storage_fault(
-    micro, recipe: Path, out: Path, mount: str = "", action: str = ""
+    micro,
+    recipe: Path,
+    out: Path,
+    mount: str = "",
+    action: str = "",
+    faults: FaultPlan | None = None,
 ) -> tuple[int, str]:
     """Runs training inside a private mount namespace; `mount` prepares its checkpoint dir, and
     `action` breaks it from outside once step 2's checkpoint exists (the run stalls there)."""
-    _, _, config = micro
     ckpt, marker = out / "checkpoints", out / "checkpoints" / "step_0000002" / "SHA256SUMS"
-    train = f"{sys.executable} {REPO_ROOT / 'train_wmtp.py'} {recipe} --config {config}"
+    train = " ".join(shlex.quote(part) for part in train_command(micro, recipe, faults))
     script = f"""
 set -u
+cd {REPO_ROOT}
 mkdir -p {ckpt}
 {mount}
 {train} > {out}.log 2>&1 &
@@ -171,7 +180,7 @@ def assert_previous_checkpoint_intact(out: Path, micro) -> None:
     assert run.info.status == "FAILED" and run.data.tags["failure"]
 
 
-STALL = {"stall_after_step": 2, "stall_seconds": 3.0}
+STALL = FaultPlan(stall_after_step=2, stall_seconds=3.0)
 
 
 @needs_mount_namespace
@@ -206,10 +215,10 @@ def test_a_disk_filling_up_during_a_save_is_one_line(micro, tmp_path):
 @needs_mount_namespace
 def test_a_checkpoint_dir_made_read_only_mid_run(micro, tmp_path):
     case("read-only")
-    recipe = recipe_for(micro, tmp_path, "run", train={"eval_every": 0}, faults=STALL)
+    recipe = recipe_for(micro, tmp_path, "run", train={"eval_every": 0})
     out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
     remount = f"mount --bind {ckpt} {ckpt} && mount -o remount,bind,ro {ckpt}"
-    code, text = run_with_storage_fault(micro, recipe, out, action=remount)
+    code, text = run_with_storage_fault(micro, recipe, out, action=remount, faults=STALL)
     assert code == 5, text[-3000:]
     assert "Read-only file system" in text and "Traceback" not in text
     assert_previous_checkpoint_intact(out, micro)
@@ -217,10 +226,10 @@ def test_a_checkpoint_dir_made_read_only_mid_run(micro, tmp_path):
 
 def test_a_checkpoint_dir_that_vanishes_mid_run(micro, tmp_path):
     case("vanished")
-    recipe = recipe_for(micro, tmp_path, "run", train={"eval_every": 0}, faults=STALL)
+    recipe = recipe_for(micro, tmp_path, "run", train={"eval_every": 0})
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(recipe), "--config", str(micro[2])],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(train_command(micro, recipe, STALL), cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     marker = out / "checkpoints" / "step_0000002" / "SHA256SUMS"
     while not marker.exists() and proc.poll() is None:
         time.sleep(0.05)
@@ -238,10 +247,10 @@ def test_a_checkpoint_dir_that_vanishes_mid_run(micro, tmp_path):
 def test_periodic_saves_can_be_skipped_with_a_warning(micro, tmp_path):
     case("periodic-skip")
     recipe = recipe_for(micro, tmp_path, "run", train={"eval_every": 0, "max_steps": 6},
-                        checkpoint={"periodic_save_failure": "skip"}, faults=STALL)  # fmt: skip
+                        checkpoint={"periodic_save_failure": "skip"})  # fmt: skip
     out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
     remount = f"mount --bind {ckpt} {ckpt} && mount -o remount,bind,ro {ckpt}"
-    code, text = run_with_storage_fault(micro, recipe, out, action=remount)
+    code, text = run_with_storage_fault(micro, recipe, out, action=remount, faults=STALL)
     assert code == 5, text[-3000:]
     assert "[warning] checkpoint of step 4 skipped" in text
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]  # training went on past the skipped save
@@ -251,10 +260,8 @@ def test_periodic_saves_can_be_skipped_with_a_warning(micro, tmp_path):
 # -------------------------------------------------------------------- the NaN guard
 def test_nan_gradients_halve_the_lr_which_then_recovers(micro, tmp_path, capsys, uninterrupted):
     case("nan-grad")
-    recipe = recipe_for(
-        micro, tmp_path, "run", train={"lr_recovery_steps": 2}, faults={"nan_at_steps": [3]}
-    )
-    assert train_main([str(recipe), "--config", str(micro[2])]) == 0
+    recipe = recipe_for(micro, tmp_path, "run", train={"lr_recovery_steps": 2})
+    assert train_in_process(micro, recipe, FaultPlan(nan_at_steps=[3])) == 0
     printed = capsys.readouterr().out
     assert "[guard] non-finite loss/grad at step 3" in printed
     assert "[guard] 2 clean steps: lr scale -> 1.0" in printed
@@ -266,8 +273,8 @@ def test_nan_gradients_halve_the_lr_which_then_recovers(micro, tmp_path, capsys,
 
 def test_nan_parameters_restore_and_rewind_to_the_checkpoint(micro, tmp_path, capsys):
     case("nan-params")
-    recipe = recipe_for(micro, tmp_path, "run", faults={"nan_params_at_steps": [3]})
-    assert train_main([str(recipe), "--config", str(micro[2])]) == 0
+    recipe = recipe_for(micro, tmp_path, "run")
+    assert train_in_process(micro, recipe, FaultPlan(nan_params_at_steps=[3])) == 0
     printed = capsys.readouterr().out
     assert (
         "[guard] parameters became non-finite: restored step_0000002; step counter, history and data order rewound to step 2"
@@ -290,10 +297,10 @@ def test_kill_at_any_stage_then_resume_gives_the_same_losses(
     micro, tmp_path, uninterrupted, fault_id, kill, resumed_from
 ):
     case(fault_id)
-    recipe = recipe_for(micro, tmp_path, "run", faults={"kill_at": [kill]})
-    killed = train_process(micro, recipe)
+    recipe = recipe_for(micro, tmp_path, "run")
+    killed = train_process(micro, recipe, faults=FaultPlan(kill_at=[kill]))
     assert killed.returncode == 137, killed.stderr[-2000:]
-    resumed = train_process(micro, recipe, "faults.kill_at=[]")
+    resumed = train_process(micro, recipe)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"(step {resumed_from})" in resumed.stdout
     out = tmp_path / "run"
@@ -307,13 +314,13 @@ def test_kill_at_any_stage_then_resume_gives_the_same_losses(
 
 def test_a_torn_checkpoint_is_skipped_with_a_message(micro, tmp_path, uninterrupted):
     case("torn-checkpoint")
-    recipe = recipe_for(micro, tmp_path, "run", faults={"kill_at_step": 5})
-    assert train_process(micro, recipe).returncode == 137
+    recipe = recipe_for(micro, tmp_path, "run")
+    assert train_process(micro, recipe, faults=FaultPlan(kill_at_step=5)).returncode == 137
     shard = next((tmp_path / "run" / "checkpoints" / "step_0000004" / "dcp").glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0xFF
     shard.write_bytes(bytes(data))
-    resumed = train_process(micro, recipe, "faults.kill_at_step=null")
+    resumed = train_process(micro, recipe)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "[resume] skipping torn checkpoint step_0000004: SHA256 mismatch" in resumed.stdout
     assert "(step 2)" in resumed.stdout

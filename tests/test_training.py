@@ -16,17 +16,19 @@ from model import ModelArgs, Transformer
 from runtime.schema import ConfigError
 from runtime.tracking import scrub
 from tests.conftest import REPO_ROOT
+from tests.faults import FaultPlan, injected
 from tests.micro_assets import history, write_recipe
 from train_wmtp import main as train_main
-from training.loss import mtp_loss_backward, naive_mtp_loss
+from training.loss import mtp_loss_backward, naive_mtp_loss, target_positions
 from training.recipe import load_recipe
 from training.signals import Signals, policy_head_ce
 
 
-def run_train(micro, algo, tmp_path, name="run", **sections):
+def run_train(micro, algo, tmp_path, name="run", faults: FaultPlan | None = None, **sections):
     root, assets, config = micro
     recipe = write_recipe(tmp_path / f"{name}.yaml", assets, algo, tmp_path / name, **sections)
-    return train_main([str(recipe), "--config", str(config)]), tmp_path / name
+    with injected(faults or FaultPlan()):
+        return train_main([str(recipe), "--config", str(config)]), tmp_path / name
 
 
 def step_losses(output):
@@ -57,9 +59,9 @@ def test_sequential_head_loss_equals_naive_loss_and_gradients(needs_ce):
 
     trunk = model(tokens, return_trunk=True)
     if needs_ce:  # weights computed from the policy's own per-head CE, as rho1-wmtp does
-        weights = (
-            policy_head_ce(model, trunk.detach(), labels, chunk=7, dtype=torch.float32) - 4.0
-        ).abs()
+        segments = torch.zeros(3, 40, dtype=torch.long)
+        batch = Batch(tokens, labels, segments, torch.ones(3, 40, dtype=torch.bool), [["a"]] * 3)
+        weights = (policy_head_ce(model, trunk.detach(), batch, 7, torch.float32) - 4.0).abs()
     else:
         weights = fixed
     weights = weights * (labels != IGNORE_INDEX)
@@ -140,13 +142,14 @@ def test_vocabulary_projection_runs_only_at_target_positions_and_a_batch_without
     result = mtp_loss_backward(
         model, model(tokens, return_trunk=True), labels, weights, [1.0] * 4, [12.0] * 4, chunk=3
     )
-    assert rows == [6, 6] * 4 and result.ce_count == [12] * 4  # 2 rows × 3 per chunk
+    assert rows == [6, 6] * 4  # 12 targets a head: 2 chunks of 2 rows × 3 positions
+    assert [len(t) for t in target_positions(labels)] == [12] * 4 and result.ce_sum.gt(0).all()
     model.zero_grad()
     labels[:] = IGNORE_INDEX  # nothing to predict: the trunk's backward still runs (FSDP ranks
     trunk = model(tokens, return_trunk=True)  # reduce gradients together), with zeros
     result = mtp_loss_backward(model, trunk, labels, labels.float() * 0, [1.0] * 4, [1.0] * 4, 3)
     hook.remove()
-    assert result.loss == 0 and result.ce_count == [0] * 4
+    assert result.loss == 0 and result.ce_sum.eq(0).all()
     grad = model.layers[0].attention.wq.weight.grad
     assert grad is not None and not grad.any()
 
@@ -171,8 +174,9 @@ def test_token_scores_are_shared_by_every_head_predicting_the_token():
         [["x"]],
     )
     trunk = model(tokens, return_trunk=True)
-    per_token = Signals(model, 4, 8, torch.float32, False, score="token").policy_ce(batch, trunk)
-    per_head = Signals(model, 4, 8, torch.float32, False, score="head").policy_ce(batch, trunk)
+    signals = Signals(model, ("policy_token_ce", "policy_head_ce"), 4, 8, torch.float32, False)
+    inputs = signals.inputs(batch, trunk)
+    per_token, per_head = inputs.policy_token_ce, inputs.policy_head_ce
     for j in range(5, 16):  # token j is predicted by head k at position j-k-1
         shared = {round(float(per_token[0, j - k - 1, k]), 6) for k in range(4) if j - k - 1 >= 3}
         assert len(shared) == 1, (j, shared)
@@ -187,7 +191,7 @@ def test_token_scores_are_shared_by_every_head_predicting_the_token():
         ({"train": {"lrr": 1}}, "unknown key 'train.lrr' (did you mean 'lr'?)"),
         (
             {"weighting": {"algo": "rho1"}},
-            "weighting.algo='rho1' is invalid: allowed baseline, rho1-wmtp, critic-wmtp (did you mean 'rho1-wmtp'?)",
+            "weighting.algo='rho1' is invalid: allowed baseline, rho1-wmtp, critic-wmtp, dft (did you mean 'rho1-wmtp'?)",
         ),
         (
             {"model": {"reference": None}},
@@ -232,7 +236,7 @@ def test_overrides_on_the_command_line(micro, tmp_path):
 
 
 # ------------------------------------------------------------ smoke runs
-@pytest.mark.parametrize("algo", ["baseline", "rho1-wmtp", "critic-wmtp"])
+@pytest.mark.parametrize("algo", ["baseline", "rho1-wmtp", "critic-wmtp", "dft"])
 def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo, capsys):
     code, out = run_train(micro, algo, tmp_path, train={"max_steps": 100, "log_every": 50})
     assert code == 0
@@ -245,8 +249,17 @@ def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo, capsys):
     assert len(steps) == 100
     first = sum(h["ce_head0"] for h in steps[:10]) / 10
     last = sum(h["ce_head0"] for h in steps[-10:]) / 10
-    assert last < first - 0.5, f"{algo}: head-0 CE {first:.3f} -> {last:.3f}"
-    assert all(abs(h["weight_mean"] - 1) < 1e-3 for h in steps)
+    if algo == "dft":
+        # DFT maximises the probability of the targets, not their log-likelihood: from random
+        # weights (p ≈ 1/vocab) it sharpens what it already predicts and its CE may rise (see
+        # weighting/dft.py); its own objective Σ sg(p)·CE / N must fall, its weights are p
+        first, last = (sum(h["loss"] for h in part) / 10 for part in (steps[:10], steps[-10:]))
+        assert last < first / 2, f"dft: loss {first:.4f} -> {last:.4f}"
+        assert all(0 < h["weight_mean"] < 1 and h["weight_max"] <= 1 for h in steps)
+        assert max(h["weight_mean"] for h in steps) > 10 * steps[0]["weight_mean"]
+    else:
+        assert last < first - 0.5, f"{algo}: head-0 CE {first:.3f} -> {last:.3f}"
+        assert all(abs(h["weight_mean"] - 1) < 1e-3 for h in steps)
     if algo == "critic-wmtp":
         stage1 = [h["stage1_value_loss"] for h in history(out) if h.get("stage") == "stage1"]
         assert len(stage1) == 20 and stage1[-1] < stage1[0]
@@ -257,7 +270,7 @@ def test_100_step_micro_smoke_loss_falls(micro, tmp_path, algo, capsys):
 # ------------------------------------------------------------------ guards
 def test_nan_injection_is_skipped_and_training_recovers(micro, tmp_path, capsys):
     code, out = run_train(
-        micro, "baseline", tmp_path, train={"max_steps": 8}, faults={"nan_at_steps": [4]}
+        micro, "baseline", tmp_path, train={"max_steps": 8}, faults=FaultPlan(nan_at_steps=[4])
     )
     assert code == 0
     steps = [h for h in history(out) if h.get("stage") == "step"]
@@ -276,7 +289,7 @@ def test_nan_beyond_retries_stops_with_a_failure_report(micro, tmp_path, capsys)
         "baseline",
         tmp_path,
         train={"max_steps": 8, "nan_max_retries": 0},
-        faults={"nan_at_steps": [2]},
+        faults=FaultPlan(nan_at_steps=[2]),
     )
     assert code == 3
     report = _report(out)
@@ -291,7 +304,7 @@ def _report(out):
 
 def test_simulated_oom_single_process_shrinks_the_micro_batch(micro, tmp_path, capsys):
     code, out = run_train(
-        micro, "baseline", tmp_path, train={"max_steps": 5}, faults={"oom_at_steps": [3]}
+        micro, "baseline", tmp_path, train={"max_steps": 5}, faults=FaultPlan(oom_at_steps=[3])
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -311,7 +324,7 @@ def test_oom_that_cannot_shrink_exits_cleanly_with_advice(micro, tmp_path):
         tmp_path,
         train={"max_steps": 5},
         data={"micro_batch_size": 1},
-        faults={"oom_at_steps": [2]},
+        faults=FaultPlan(oom_at_steps=[2]),
     )
     assert code == 4
     report = _report(out)
@@ -326,24 +339,15 @@ def test_resume_after_a_kill_gives_the_same_losses(micro, tmp_path):
     code, reference = run_train(micro, "rho1-wmtp", tmp_path, name="uninterrupted", **sections)
     assert code == 0
     recipe = write_recipe(
-        tmp_path / "killed.yaml",
-        assets,
-        "rho1-wmtp",
-        tmp_path / "killed",
-        faults={"kill_at_step": 6},
-        **sections,
+        tmp_path / "killed.yaml", assets, "rho1-wmtp", tmp_path / "killed", **sections
     )
     cmd = [sys.executable, str(REPO_ROOT / "train_wmtp.py"), str(recipe), "--config", str(config)]
-    killed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    plan = FaultPlan(kill_at_step=6).to_json()
+    killed = subprocess.run([cmd[0], "-m", "tests.faults", plan, *cmd[1:]], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    resumed = subprocess.run(
-        [*cmd, "faults.kill_at_step=null"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "[resume]" in resumed.stdout and "step 4" in resumed.stdout
     assert step_losses(tmp_path / "killed") == step_losses(reference)
@@ -444,11 +448,15 @@ def test_fsdp_two_ranks_match_single_process(micro, tmp_path, algo, weighting, p
 
 
 @pytest.mark.parametrize(
-    "name", ["baseline", "rho1", "critic", "micro-baseline", "micro-rho1", "micro-critic"]
-)
+    "name",
+    ["baseline", "rho1", "critic", "dft", "micro-baseline", "micro-rho1", "micro-critic",
+     "micro-dft"],
+)  # fmt: skip
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(REPO_ROOT / "recipes" / f"{name}.yaml")
-    assert recipe.weighting.algo in ("baseline", "rho1-wmtp", "critic-wmtp")
+    assert recipe.weighting.algo == {"rho1": "rho1-wmtp", "critic": "critic-wmtp"}.get(
+        name.removeprefix("micro-"), name.removeprefix("micro-")
+    )
     assert (recipe.model.reference is not None) == (recipe.weighting.algo == "rho1-wmtp")
 
 
@@ -517,13 +525,13 @@ def test_weight_diagnostics_are_logged_every_step(micro, tmp_path):
     assert code == 0
     for h in (h for h in history(out) if h.get("stage") == "step"):
         assert h["score_std"] > 0 and h["score_mean"] > 0 and h["score_nonfinite"] == 0
-        for key in (
-            "weight_above_one_fraction",
-            "weight_at_min_fraction",
-            "weight_at_max_fraction",
-        ):
-            assert 0 <= h[key] < 1, key
-        assert h["weight_above_one_fraction"] > 0
+        assert 0 < h["weight_above_one_fraction"] < 1  # emphasis both ways, mean 1
+        # the clip counts agree with the extremes and add up (min_weight 0.05, max_weight 3.0)
+        assert (h["weight_at_min_fraction"] > 0) == (h["weight_min"] <= 0.05 * (1 + 1e-5))
+        assert (h["weight_at_max_fraction"] > 0) == (h["weight_max"] >= 3.0 * (1 - 1e-5))
+        assert h["weight_clipped_fraction"] == pytest.approx(
+            h["weight_at_min_fraction"] + h["weight_at_max_fraction"]
+        )
 
 
 def test_a_critic_without_reward_variance_is_reported(micro, tmp_path, capsys):
@@ -541,10 +549,10 @@ def test_a_weighting_error_ends_like_the_nan_guard(micro, tmp_path, monkeypatch,
     from weighting.inputs import WeightingError
     from weighting.rho1 import Rho1Weighter
 
-    def broken(self, scores, valid):
+    def broken(self, scores, valid, step_context=None):
         raise WeightingError("token weights have mean nan after normalisation")
 
-    monkeypatch.setattr(Rho1Weighter, "weights_from_scores", broken)
+    monkeypatch.setattr(Rho1Weighter, "weights", broken)
     code, out = run_train(micro, "rho1-wmtp", tmp_path, train={"max_steps": 3})
     assert code == 3
     report = _report(out)

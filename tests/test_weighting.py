@@ -13,13 +13,17 @@ from weighting import (
     CriticConfig,
     NormalizeConfig,
     Rho1Config,
+    SingleProcess,
     ValueHead,
     WeightingConfig,
     WeightingError,
     WeightingInputs,
     align_to_heads,
+    check_mean_error,
     gae,
     get_weighter,
+    mean_error,
+    normalize_per_head,
     normalize_scores,
     td_errors,
     terminal_rewards,
@@ -29,6 +33,11 @@ from weighting import (
 from weighting.rho1 import selected_weights, top_fraction_threshold
 
 SPECIAL = [math.inf, -math.inf, math.nan, 0.0, 1e30, -1e30, 1e-30]
+
+
+def weigh(weighter, inputs: WeightingInputs) -> torch.Tensor:
+    """What the step does for a per-micro-batch weighter."""
+    return weighter.weights(weighter.scores(inputs), inputs.valid)
 
 
 @st.composite
@@ -132,17 +141,18 @@ def test_registry_keys_and_typo_message():
     assert get_weighter("baseline").name == "baseline"
     assert get_weighter("rho1-wmtp").name == "rho1-wmtp"
     assert get_weighter("critic-wmtp").name == "critic-wmtp"
+    assert get_weighter("dft").name == "dft"
     with pytest.raises(
         KeyError,
         match=r"'rho1_wmtp' \(did you mean 'rho1-wmtp'\?\); allowed: "
-        r"baseline, critic-wmtp, rho1-wmtp",
+        r"baseline, critic-wmtp, dft, rho1-wmtp",
     ):
         get_weighter("rho1_wmtp")
 
 
 def test_baseline_is_one_on_valid_tokens():
     valid = torch.rand(2, 6, 4) > 0.3
-    w = get_weighter("baseline").weights(WeightingInputs(valid=valid))
+    w = weigh(get_weighter("baseline"), WeightingInputs(valid=valid))
     assert torch.equal(w, valid.float())
 
 
@@ -161,12 +171,13 @@ def test_rho1_weights_follow_excess_loss_per_head():
     valid = torch.ones(2, 10, 4, dtype=torch.bool)
     valid[1, 8:] = False
     cfg = NormalizeConfig(max_weight=8.0)
-    w = get_weighter("rho1-wmtp", cfg).weights(WeightingInputs(valid, base_ce=base, ref_ce=ref))
+    inputs = WeightingInputs(valid, policy_token_ce=base, reference_ce=ref)
+    w = weigh(get_weighter("rho1-wmtp", cfg), inputs)
     for k in range(4):
         check_invariants(w[..., k], valid[..., k], cfg)
         assert w[0, 3, k] == w[..., k].max()
-    with pytest.raises(ValueError, match="rho1-wmtp needs `ref_ce`"):
-        get_weighter("rho1-wmtp").weights(WeightingInputs(valid, base_ce=base))
+    with pytest.raises(ValueError, match="rho1-wmtp needs `reference_ce`"):
+        weigh(get_weighter("rho1-wmtp"), WeightingInputs(valid, policy_token_ce=base))
 
 
 def test_gae_matches_hand_computed_example():
@@ -215,7 +226,7 @@ def test_value_head_learns_a_simple_reward_and_td_weights_follow():
     delta = td_errors(rewards, values, valid, cfg.gamma)
     per_head = align_to_heads(delta, n_heads=2, fill=0.0)
     head_valid = align_to_heads(valid.float(), n_heads=2, fill=0.0).bool()
-    w = get_weighter("critic-wmtp").weights(WeightingInputs(head_valid, td_error=per_head))
+    w = weigh(get_weighter("critic-wmtp"), WeightingInputs(head_valid, td_error=per_head))
     check_invariants(w[..., 0], head_valid[..., 0], NormalizeConfig())
 
 
@@ -241,26 +252,68 @@ def test_huge_scores_keep_their_order_and_sharp_temperatures_do_not_underflow():
 # ---------------------------------------------------------------- rho1 modes
 def test_rho1_soft_scores_the_magnitude_and_select_the_signed_excess():
     base, ref = torch.tensor([[[3.0], [1.0]]]), torch.tensor([[[1.0], [3.0]]])
-    inputs = WeightingInputs(torch.ones(1, 2, 1, dtype=torch.bool), base_ce=base, ref_ce=ref)
+    inputs = WeightingInputs(
+        torch.ones(1, 2, 1, dtype=torch.bool), policy_token_ce=base, reference_ce=ref
+    )
     soft = get_weighter("rho1-wmtp", WeightingConfig())
     select = get_weighter("rho1-wmtp", WeightingConfig(rho1=Rho1Config(mode="select")))
     assert soft.scores(inputs).flatten().tolist() == [2.0, 2.0]
     assert select.scores(inputs).flatten().tolist() == [2.0, -2.0]  # learnable token first
-    assert select.selects_per_step and not soft.selects_per_step
-    with pytest.raises(WeightingError, match="needs the step's thresholds"):
-        select.weights(inputs)
+    assert select.per_step and not soft.per_step
+    assert soft.normalised and not select.normalised
+
+
+def test_rho1_head_score_reads_each_heads_own_ce():
+    token = get_weighter("rho1-wmtp", WeightingConfig(rho1=Rho1Config(score="token")))
+    head = get_weighter("rho1-wmtp", WeightingConfig(rho1=Rho1Config(score="head")))
+    assert token.needs == ("policy_token_ce", "reference_ce")
+    assert head.needs == ("policy_head_ce", "reference_ce")
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    inputs = WeightingInputs(
+        valid,
+        policy_token_ce=torch.zeros(1, 2, 2),
+        policy_head_ce=torch.full((1, 2, 2), 5.0),
+        reference_ce=torch.ones(1, 2, 2),
+    )
+    assert head.scores(inputs).flatten().tolist() == [4.0] * 4
+    assert token.scores(inputs).flatten().tolist() == [1.0] * 4
 
 
 def test_top_fraction_threshold_and_selected_weights():
-    values = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert top_fraction_threshold(values, 0.6) == 3.0  # ceil(0.6·5) = 3 kept: 5, 4, 3
-    assert top_fraction_threshold(values, 1.0) == 1.0
-    assert top_fraction_threshold(torch.zeros(0), 0.5) == math.inf
+    inf = math.inf
+    values = torch.tensor([[5.0, 1.0], [1.0, -inf], [3.0, 2.0], [2.0, -inf], [4.0, -inf]])
+    # head 0: ceil(0.6·5) = 3 kept (5, 4, 3); head 1: 2 candidates, ceil(1.2) = 2 kept
+    assert top_fraction_threshold(values, 0.6).tolist() == [3.0, 1.0]
+    assert top_fraction_threshold(values, 1.0).tolist() == [1.0, 1.0]
+    assert top_fraction_threshold(torch.full((3, 1), -inf), 0.5).tolist() == [inf]
     scores = torch.tensor([[[5.0, 0.0], [1.0, 9.0], [math.nan, 9.0], [3.0, 1.0]]])
     valid = torch.tensor([[[True, True], [True, True], [True, True], [True, False]]])
-    w = selected_weights(scores, valid, [3.0, 9.0])
+    w = selected_weights(scores, valid, torch.tensor([3.0, 9.0]))
     assert w[..., 0].flatten().tolist() == [1.0, 0.0, 0.0, 1.0]  # NaN never selected
     assert w[..., 1].flatten().tolist() == [0.0, 1.0, 1.0, 0.0]  # invalid never selected
+
+
+def test_rho1_select_agrees_on_one_threshold_over_every_micro_batch():
+    select = get_weighter(
+        "rho1-wmtp", WeightingConfig(rho1=Rho1Config(select_ratio=0.5, mode="select"))
+    )
+    scores = [torch.tensor([[[4.0], [1.0]]]), torch.tensor([[[3.0], [2.0]]])]
+    valid = [torch.ones(1, 2, 1, dtype=torch.bool)] * 2
+    context = select.step_context(scores, valid, SingleProcess())
+    weights = [select.weights(s, v, context) for s, v in zip(scores, valid, strict=True)]
+    # the top half of all four scores (4, 3), not of each micro-batch (4 and 3, 2 would be 2 + 2)
+    assert [w.flatten().tolist() for w in weights] == [[1.0, 0.0], [1.0, 0.0]]
+
+
+def test_dft_weights_each_heads_target_by_its_own_detached_probability():
+    dft = get_weighter("dft")
+    assert dft.needs == ("policy_head_ce",) and not dft.per_step and not dft.normalised
+    ce = torch.tensor([[[0.0, 1.0], [2.0, 30.0], [0.5, 0.0]]])
+    valid = torch.tensor([[[True, True], [True, True], [False, True]]])
+    w = weigh(dft, WeightingInputs(valid, policy_head_ce=ce))
+    expected = torch.where(valid, torch.exp(-ce), torch.zeros_like(ce))
+    torch.testing.assert_close(w, expected)
+    assert w[0, 0, 0] == 1.0 and w[0, 2, 0] == 0.0 and 0 < w[0, 1, 1] < 1e-12
 
 
 def test_rho1_config_rejects_bad_values_naming_the_key():
@@ -277,11 +330,32 @@ def test_rho1_config_rejects_bad_values_naming_the_key():
 
 
 @pytest.mark.parametrize("temperature", [1e-308, 1e-16])
-def test_normalize_raises_instead_of_returning_nan_weights(temperature):
+def test_a_degenerate_normalisation_is_caught_by_the_step_check(temperature):
     cfg = NormalizeConfig()
     object.__setattr__(cfg, "temperature", temperature)  # past the recipe check, as a library user
-    with pytest.raises(WeightingError, match="token weights have mean"):
-        normalize_scores(torch.randn(64), torch.ones(64, dtype=torch.bool), cfg)
+    valid = torch.ones(64, 1, dtype=torch.bool)
+    weights = normalize_per_head(torch.randn(64, 1), valid, cfg)
+    error = float(mean_error(weights, valid, cfg))
+    with pytest.raises(WeightingError, match="token weights have mean off 1.0"):
+        check_mean_error(error, cfg)
+
+
+def test_mean_error_is_small_for_healthy_weights_and_flags_each_broken_invariant():
+    cfg = NormalizeConfig(min_weight=0.1, max_weight=30.0)
+    valid = torch.ones(4, 8, 2, dtype=torch.bool)
+    valid[0, :, 1] = False
+    weights = normalize_per_head(
+        torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(0)), valid, cfg
+    )
+    assert float(mean_error(weights, valid, cfg)) < 1e-6
+    check_mean_error(float(mean_error(weights, valid, cfg)), cfg)
+    shifted = weights.clone()
+    shifted[..., 1] *= 1.01  # head 1's mean moves to 1.01
+    assert float(mean_error(shifted, valid, cfg)) == pytest.approx(0.01, rel=1e-3)
+    for broken in (math.nan, 50.0, 0.01):  # non-finite, above max_weight, below min_weight
+        bad = weights.clone()
+        bad[1, 1, 0] = broken
+        assert float(mean_error(bad, valid, cfg)) == math.inf, broken
 
 
 def test_weight_stats_report_the_share_above_one_and_at_each_bound():

@@ -54,6 +54,15 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(values: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """`values` reduced element-wise over ranks (`sum` or `max`), on the device: no host read."""
+    if not info.enabled:
+        return values
+    total = values.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return total
+
+
 def all_true(flag: bool, info: DistInfo) -> bool:
     """True only if every rank's flag is True."""
     if not info.enabled:
@@ -97,3 +106,26 @@ def all_gather_objects(obj: object, info: DistInfo) -> list:
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class RankCollectives:
+    """`weighting.Collectives` over the run's ranks. `gather` pads every rank's rows to
+    `capacity` (the most rows a rank can hand in: its step's token positions), so that
+    `all_gather_into_tensor` moves equal, host-known sizes and nothing waits for the device."""
+
+    def __init__(self, info: DistInfo, capacity: int):
+        self.info, self.capacity = info, capacity
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return all_reduce_tensor(values, self.info)
+
+    def gather(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
+        if not self.info.enabled:
+            return rows
+        if rows.shape[0] > self.capacity:
+            raise ValueError(f"{rows.shape[0]} rows to gather, capacity {self.capacity}")
+        padded = rows.new_full((self.capacity, *rows.shape[1:]), fill)
+        padded[: rows.shape[0]] = rows
+        out = rows.new_empty((self.info.world_size * self.capacity, *rows.shape[1:]))
+        dist.all_gather_into_tensor(out, padded)
+        return out

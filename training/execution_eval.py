@@ -14,20 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from data.records import read_records
 from evaluation.generation import SamplingConfig, generate
 from evaluation.sandbox import Limits, Sandbox
 from evaluation.scoring import check_completion
-from evaluation.tasks import (
-    Problem,
-    codecontests_problems,
-    humaneval_problems,
-    mbpp_problems,
-    synthetic_problems,
-)
+from evaluation.tasks import Problem, load_problems
 from model.tokenizer import Tokenizer
+from runtime.precision import autocast
 from training.distributed import DistInfo
-from training.loss import autocast
 from training.recipe import EvalPassSection
 
 MBPP_VALIDATION_IDS = range(511, 601)
@@ -35,19 +28,16 @@ MBPP_VALIDATION_IDS = range(511, 601)
 
 def held_out_problems(section: EvalPassSection) -> list[Problem]:
     """The problem set named by the recipe's `eval_pass:` section (its first `limit`)."""
-    condition = section.condition == "correct"
-    if section.benchmark == "mbpp":
-        problems = mbpp_problems(
-            section.problems, ids=MBPP_VALIDATION_IDS, style="alpaca", condition=condition
-        )
-    elif section.benchmark == "humaneval":
-        problems = humaneval_problems(section.problems or None, style="alpaca", condition=condition)
-    elif section.benchmark == "codecontests":
-        problems = codecontests_problems(section.problems, section.max_tests, condition)
-    else:
-        ids = {r.task_id for r in read_records(section.split)} if section.split else None
-        problems = synthetic_problems(section.problems, ids, condition)
-    return problems[: section.limit]
+    return load_problems(
+        section.benchmark,
+        section.problems or None,
+        split=section.split,
+        mbpp_ids=MBPP_VALIDATION_IDS,
+        style="alpaca",
+        condition=section.condition == "correct",
+        max_tests=section.max_tests,
+        limit=section.limit,
+    )
 
 
 class PassAtOne:

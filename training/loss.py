@@ -9,7 +9,9 @@
     h.backward(h_d.grad)
 
 The vocabulary projection runs only at positions with a target (a prompt's positions have none,
-and in instruction data they are most of the row), `chunk` rows per sequence row at a time.
+and in instruction data they are most of the row), `chunk` rows per sequence row at a time. The
+positions come from the loader (`Batch.targets`), known on the host: nothing here reads a device
+value, so the step never waits for the GPU.
 
 Loss = Σ_k λ_k · Σ_t w_{t,k} CE_{t,k} / N_k, where N_k counts head k's target tokens over the
 whole optimizer step (all micro-batches, all ranks), so accumulation and data parallelism give
@@ -19,32 +21,25 @@ Everything here is a function of tensors: token weights are computed before the 
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from data.loader import IGNORE_INDEX
 from model.transformer import Transformer
+from runtime.precision import autocast
 
 
 @dataclass
 class MTPLossResult:
-    loss: float = 0.0  # this micro-batch's share of the step loss
-    ce_sum: list[float] = field(default_factory=list)  # unweighted CE summed per head
-    ce_count: list[int] = field(default_factory=list)
+    loss: torch.Tensor  # float64 0-dim: this micro-batch's share of the step loss
+    ce_sum: torch.Tensor  # float64 (n_heads,): unweighted CE summed per head
 
 
-def chunk_bounds(seq_len: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, seq_len)) for s in range(0, seq_len, chunk)]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """bf16 autocast for reduced-precision compute; nothing for float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -58,24 +53,60 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(labels.shape)
 
 
-def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices (into bsz·seq) of the positions whose label is a target."""
-    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per head, the flat positions (into bsz·seq) whose label is a target. Reads the labels'
+    values (a host sync on a GPU): the training step uses the loader's `Batch.targets`."""
+    flat = labels.flatten(0, 1)
+    return tuple((flat[:, k] != IGNORE_INDEX).nonzero().squeeze(1) for k in range(flat.shape[1]))
+
+
+def chunked_head_ce(
+    model: Transformer,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    chunk: int,
+    compute_dtype: torch.dtype = torch.float32,
+    weights: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's CE at `positions` (flat, into bsz·seq), projected to the vocabulary `chunk` ×
+    bsz positions at a time. With `weights` (flat, bsz·seq) and `scale` (λ_k / N_k), each
+    chunk's scale · Σ w·CE is back-propagated into `hidden` as soon as it is made, so only one
+    chunk's logits are ever alive.
+
+    Returns the detached CE at `positions` and the summed (scaled, weighted) loss, float64.
+    """
+    flat_hidden, flat_labels = hidden.flatten(0, 1), labels.reshape(-1)
+    parts, loss = [], torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for s, e in chunk_bounds(positions.shape[0], chunk * labels.shape[0]):
+        at = positions[s:e]
+        with autocast(hidden.device, compute_dtype):
+            logits = model.output(flat_hidden[at])
+        ce = token_ce(logits, flat_labels[at])
+        if weights is not None:
+            chunk_loss = (weights[at] * ce).sum() * scale
+            if chunk_loss.requires_grad:
+                chunk_loss.backward()
+            loss = loss + chunk_loss.detach().double()
+        parts.append(ce.detach())
+    ce = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return ce, loss
 
 
 @torch.no_grad()
-def chunked_head_ce(
-    model: Transformer, hidden: torch.Tensor, labels: torch.Tensor, chunk: int
+def head_ce_map(
+    model: Transformer,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    chunk: int,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """CE of one head (bsz, seq), 0 where there is no target; the vocabulary projection runs
-    only at target positions, `chunk` × bsz of them at a time."""
-    ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    rows = target_positions(labels)
-    flat_hidden, flat_labels, flat_ce = hidden.flatten(0, 1), labels.reshape(-1), ce.view(-1)
-    for s, e in chunk_bounds(rows.numel(), chunk * labels.shape[0]):
-        at = rows[s:e]
-        flat_ce[at] = token_ce(model.output(flat_hidden[at]), flat_labels[at])
-    return ce
+    """One head's CE as a (bsz, seq) map, 0 where it has no target."""
+    ce, _ = chunked_head_ce(model, hidden, labels, positions, chunk, compute_dtype)
+    flat = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
+    return flat.index_copy(0, positions, ce).view(labels.shape)
 
 
 def mtp_loss_backward(
@@ -83,12 +114,13 @@ def mtp_loss_backward(
     trunk: torch.Tensor,
     labels: torch.Tensor,
     weights: torch.Tensor,
-    head_weights: list[float],
-    n_targets: list[float],
+    head_weights: Sequence[float],
+    n_targets: torch.Tensor | Sequence[float],
     chunk: int,
     loss_scale: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
     segment_ids: torch.Tensor | None = None,
+    targets: Sequence[torch.Tensor] | None = None,
 ) -> MTPLossResult:
     """Runs every head's forward and the whole backward for one micro-batch.
 
@@ -99,42 +131,36 @@ def mtp_loss_backward(
         labels: (bsz, seq, n_heads), IGNORE_INDEX where a head has no target.
         weights: (bsz, seq, n_heads) token weights (detached), 0 where there is no target.
         head_weights: λ_k per head.
-        n_targets: N_k, target tokens of head k over the whole optimizer step.
+        n_targets: N_k (n_heads,), target tokens of head k over the whole optimizer step.
         loss_scale: multiplies the loss (e.g. world size, when the gradient reduction averages).
         compute_dtype: autocast dtype of the heads and the output projection.
         segment_ids: the trunk's segment ids (packed rows), so the head blocks isolate them too.
+        targets: per head, the flat target positions (`Batch.targets`); found from `labels`
+            when not given.
     """
-    result = MTPLossResult()
+    targets = target_positions(labels) if targets is None else targets
+    counts = torch.as_tensor(n_targets, dtype=torch.float64, device=trunk.device)
     weights = weights.detach()
     h_d = trunk.detach().requires_grad_(True)
+    loss = torch.zeros((), dtype=torch.float64, device=trunk.device)
+    ce_sums = []
     for k, lam in enumerate(head_weights):
-        labels_k = labels[..., k]
         with autocast(trunk.device, compute_dtype):
             z = model.head_hidden(h_d, k, segment_ids=segment_ids)
         z_d = z.detach().requires_grad_(True)
-        rows = target_positions(labels_k)
-        flat_z, flat_labels = z_d.flatten(0, 1), labels_k.reshape(-1)
-        flat_weights = weights[..., k].reshape(-1)
-        ce_sum, count = 0.0, rows.numel()
-        scale = lam * loss_scale / max(n_targets[k], 1.0)
-        for s, e in chunk_bounds(count, chunk * labels.shape[0]):
-            at = rows[s:e]
-            with autocast(trunk.device, compute_dtype):
-                logits = model.output(flat_z[at])
-            ce = token_ce(logits, flat_labels[at])
-            chunk_loss = (flat_weights[at] * ce).sum() * scale
-            if lam > 0 and chunk_loss.requires_grad:
-                chunk_loss.backward()
-            result.loss += chunk_loss.item() / loss_scale
-            ce_sum += ce.detach().sum().item()
-        result.ce_sum.append(ce_sum)
-        result.ce_count.append(count)
+        scale = ((lam * loss_scale) / counts[k].clamp(min=1.0)).float()
+        ce, head_loss = chunked_head_ce(
+            model, z_d, labels[..., k], targets[k], chunk, compute_dtype,
+            weights[..., k].reshape(-1), scale,
+        )  # fmt: skip
+        loss = loss + head_loss / loss_scale
+        ce_sums.append(ce.double().sum())
         if z_d.grad is not None:
             z.backward(z_d.grad)
     # always a backward through the trunk: sharded blocks reduce gradients collectively, so a
     # rank whose micro-batch has no target at all must still take part (with zero gradients)
     trunk.backward(h_d.grad if h_d.grad is not None else torch.zeros_like(trunk))
-    return result
+    return MTPLossResult(loss, torch.stack(ce_sums))
 
 
 def naive_mtp_loss(

@@ -35,16 +35,15 @@ RETRIES = 3
 class Upload:
     local: Path
     remote: str  # key under runs/{run}/, e.g. checkpoints/step_0000100
-    step: int | None = None
     keep: set[str] | None = None  # remote checkpoint names to keep after it (rotation)
 
 
 class CheckpointMirror:
-    def __init__(self, config: S3Config, run_name: str, log=print, kill_point=None):
+    def __init__(self, config: S3Config, run_name: str, log=print):
         self.bucket = config.bucket
         self.root = "/".join(p for p in (config.prefix.strip("/"), "runs", run_name) if p)
         self.client = s3_client(config)
-        self.log, self.kill_point = log, kill_point
+        self.log = log
         self.jobs: queue.Queue[Upload | None] = queue.Queue()
         self.failure: StorageError | None = None
         self.thread = threading.Thread(target=self._work, name="wmtp-s3-mirror", daemon=True)
@@ -54,11 +53,9 @@ class CheckpointMirror:
         return f"s3://{self.bucket}/{self.root}/{remote}"
 
     # ------------------------------------------------------------------ upload
-    def upload(
-        self, local: Path, remote: str, step: int | None = None, keep: set[str] | None = None
-    ) -> None:
+    def upload(self, local: Path, remote: str, keep: set[str] | None = None) -> None:
         """Queues `local` (a complete directory) for upload to `remote`; returns at once."""
-        self.jobs.put(Upload(local, remote, step, keep))
+        self.jobs.put(Upload(local, remote, keep))
 
     def check(self) -> None:
         """Raises the StorageError of a failed upload (once)."""
@@ -110,13 +107,11 @@ class CheckpointMirror:
 
     def _upload_dir(self, job: Upload) -> None:
         files = sorted(p for p in job.local.rglob("*") if p.is_file() and p.name != SUMS_FILE)
-        for i, path in enumerate([*files, job.local / SUMS_FILE]):  # the manifest last
+        for path in [*files, job.local / SUMS_FILE]:  # the manifest last
             key = f"{self.root}/{job.remote}/{path.relative_to(job.local)}"
             self.client.upload_file(
                 str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256_file(path)}}
             )
-            if i == 0 and self.kill_point is not None and job.step is not None:
-                self.kill_point("upload", job.step)  # fault injection: killed mid-upload
         self.log(f"[s3] {job.local.name} → {self.uri(job.remote)} ({len(files) + 1} files)")
 
     def _rotate(self, keep: set[str]) -> None:

@@ -71,9 +71,12 @@ def all_reduce_replicated_grads(params: list[nn.Parameter]) -> None:
         grad.copy_(reduced)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm over sharded (DTensor) and plain gradients, then clipping to max_norm."""
-    squares = []
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm over sharded (DTensor) and plain gradients, then clipping to max_norm.
+
+    Returns the norm before clipping as a 0-dim float32 tensor; nothing is read on the host (a
+    NaN/inf norm leaves the gradients as they are, for the NaN guard)."""
+    squares, grads = [], []
     for p in params:
         if p.grad is None:
             continue
@@ -81,10 +84,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         squares.append(norm.pow(2))
-    total = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
-    if total == total and total > max_norm:  # finite and too large (NaN/inf are left to the guard)
-        coef = max_norm / (total + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        grads.append(p.grad)
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack(squares).sum().sqrt()
+    coef = (max_norm / (total.double() + 1e-6)).float()
+    coef = torch.where(total > max_norm, coef, torch.ones_like(coef))  # NaN > x is False
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # a shard scales itself
+    torch._foreach_mul_(local, coef)
     return total

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
+from data.reference_ce import ReferenceCEWriter
 from data.tokenized import cache_key, load_tokenized
 from model.tokenizer import Tokenizer
 from model.weights import build_model, load_checkpoint_dir
 from runtime.cli import ArgumentParser, entry_point
 from runtime.config import load_env_config
-from runtime.precision import resolve_precision
+from runtime.precision import autocast, resolve_precision
 from runtime.progress import Progress
 from runtime.schema import ConfigError
-from training.loss import autocast
 from training.recipe import Recipe, load_recipe
-from training.reference import ReferenceCEWriter, reference_next_token_ce
+from training.reference import reference_next_token_ce
 
 
 def precompute(recipe: Recipe, cache_dir: str, device: torch.device, log=print) -> Path:

@@ -1,6 +1,6 @@
 """Promote a registered model version: `python -m training.promote NAME VERSION --to staging|production --notes "..."`.
 
-Moves the MLflow alias and records who, when and why on the version (training/registry.py).
+Moves the MLflow alias and records who, when and why on the version (training/model_registry.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from runtime.cli import ArgumentParser, entry_point
 from runtime.config import load_env_config
 from runtime.errors import InputError
-from training.registry import promote
+from training.model_registry import promote
 
 
 @entry_point

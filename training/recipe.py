@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from runtime.schema import apply_overrides, build, key, load_yaml, require
-from weighting.config import WeightingConfig
+from weighting import WeightingConfig, get_weighter
 
 
 @dataclass
@@ -207,36 +207,6 @@ class EvalPassSection:
 
 
 @dataclass
-class FaultsSection:
-    """Fault injection for testing the guards; leave empty in real recipes. Steps count from 1,
-    as the log does; `kill_at` names points where the process dies like `kill -9`:
-    `step:N` (step N's backward done, before its update), `save:N` (step N's checkpoint shards
-    written, not sealed), `sealed:N` (step N's checkpoint renamed into place, `latest`/`best`
-    not yet moved), `log:N` (between step N's history entry and its MLflow write), `upload:N`
-    (step N's checkpoint partly uploaded to S3), `export` (the export half written)."""
-
-    nan_at_steps: list[int] = field(default_factory=list)  # NaN gradients during these steps
-    nan_params_at_steps: list[int] = field(default_factory=list)  # a NaN parameter after the update
-    oom_at_steps: list[int] = field(default_factory=list)
-    oom_ranks: list[int] | None = None  # ranks the simulated OOM hits (default: all)
-    kill_at_step: int | None = None  # dies after step N and its checkpoint
-    kill_at: list[str] = field(default_factory=list)
-    stall_after_step: int | None = None  # sleeps `stall_seconds` after step N (a window for
-    stall_seconds: float = 0.0  # tests that break storage from outside the run)
-
-    def validate(self, where: str) -> None:
-        for point in self.kill_at:
-            name, _, step = point.partition(":")
-            named = name in ("step", "save", "sealed", "log", "upload") and step.isdigit()
-            require(
-                named or point == "export",
-                key(where, "kill_at"),
-                point,
-                "step:N, save:N, sealed:N, log:N, upload:N or export",
-            )
-
-
-@dataclass
 class Recipe:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -246,15 +216,16 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     eval_pass: EvalPassSection = field(default_factory=EvalPassSection)
-    faults: FaultsSection = field(default_factory=FaultsSection)
 
     def validate(self, where: str) -> None:
-        if self.weighting.algo == "rho1-wmtp" and self.weighting.reference_source == "online":
+        needs = get_weighter(self.weighting).needs
+        if "reference_ce" in needs and self.weighting.reference_source == "online":
             require(
                 bool(self.model.reference),
                 "model.reference",
                 self.model.reference,
-                "rho1-wmtp needs a reference model (or weighting.reference_source: precomputed)",
+                f"{self.weighting.algo} needs a reference model (or weighting.reference_source: "
+                "precomputed)",
             )
         if self.checkpoint.best_metric == "pass@1":
             require(

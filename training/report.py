@@ -13,6 +13,7 @@ import yaml
 
 from data.loader import Batch
 from model.tokenizer import Tokenizer
+from runtime.history import write_history
 from runtime.integrity import atomic_write_text
 from runtime.plots import histogram_svg
 from runtime.schema import to_dict
@@ -82,11 +83,12 @@ class WeightSamples:
     last: tuple[Batch, torch.Tensor] | None = None
     hist_counts: list[int] | None = None
 
-    def update(self, weights: list[tuple[Batch, torch.Tensor]], hist_counts: list[int]) -> None:
+    def update(self, first: tuple[Batch, torch.Tensor] | None, hist_counts: list[int]) -> None:
+        """A finished step: its first micro-batch with its weights, its weight histogram."""
         self.hist_counts = hist_counts
-        self.last = weights[0]
+        self.last = first
         if self.first is None:
-            self.first = weights[0]
+            self.first = first
 
 
 def token_weights_json(
@@ -175,7 +177,7 @@ def write_reports(
             samples.hist_counts, recipe.weighting.max_weight, f"token weights ({algo})"
         )
         (reports / hist_name).write_text(svg)
-    (reports / f"{run_id}_history.json").write_text(json.dumps(state.history))
+    history = write_history(reports, run_id, state.history)
     if samples.first is not None:
         data = token_weights_json(*samples.first, tokenizer, algo)
         (reports / f"{run_id}_token_weights.json").write_text(json.dumps(data))
@@ -195,11 +197,7 @@ def write_reports(
         failure,
         warnings,
     )
-    for path in (
-        report,
-        reports / f"{run_id}_history.json",
-        *([reports / hist_name] if hist_name else []),
-    ):
+    for path in (report, history, *([reports / hist_name] if hist_name else [])):
         tracker.log_artifact(path, "reports")
     snapshot = reports / f"{run_id}_recipe.yaml"
     snapshot.write_text(yaml.safe_dump(scrub_tree(to_dict(recipe)), sort_keys=False))

@@ -22,11 +22,8 @@ class StepLog:
 
     SHOWN = ("loss", "value_loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
 
-    def __init__(
-        self, history: list[dict], tracker: Tracker, every: int, is_main: bool, kill_point=None
-    ):
+    def __init__(self, history: list[dict], tracker: Tracker, every: int, is_main: bool):
         self.history, self.tracker, self.every, self.is_main = history, tracker, every, is_main
-        self.kill_point = kill_point
         self.progress: Progress | None = None
 
     def start_stage(self, label: str, total: int, done: int) -> None:
@@ -46,8 +43,6 @@ class StepLog:
     ) -> None:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, float | int)}
         self.history.append({"stage": stage, "step": step, **numbers})
-        if self.kill_point is not None and stage == "step":
-            self.kill_point("log", step)  # fault injection: dies between history and MLflow
         self.tracker.log_metrics(metrics, step)
         if self.progress is not None and stage in ("step", "stage1"):
             self.progress.update(extra=_progress_extra(metrics))

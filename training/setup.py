@@ -1,5 +1,5 @@
 """Building what a run trains with: base model files, the (parallelised) model, the optimizer,
-the data loader, the learning-rate schedule and the FLOPs estimate behind MFU."""
+the data loaders, the learning-rate schedule and the FLOPs estimate behind MFU."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from data.loader import LoaderConfig, TrainLoader
+from data.reference_ce import ReferenceCEStore
 from data.tokenized import load_tokenized
 from model.args import ModelArgs
 from model.tokenizer import Tokenizer
@@ -126,8 +127,10 @@ def build_loader(
     cache_dir: str,
     batch_size: int | None = None,
     seed: int = 0,
+    reference_ce: ReferenceCEStore | None = None,
 ) -> TrainLoader:
-    """A loader over the tokenised split (cached), this rank's slice of every global batch."""
+    """A loader over the tokenised split (cached), this rank's slice of every global batch;
+    with `reference_ce` every batch carries its rows' precomputed reference CE."""
     split = load_tokenized(path, tokenizer, cache_dir)
     config = LoaderConfig(
         seq_len=data.seq_len,
@@ -137,7 +140,7 @@ def build_loader(
         seed=seed,
         pad_id=tokenizer.pad_id,
     )
-    return TrainLoader(split, config, rank=info.rank, world_size=info.world_size)
+    return TrainLoader(split, config, info.rank, info.world_size, reference_ce)
 
 
 def lr_at(step: int, train: TrainSection) -> float:
@@ -157,32 +160,3 @@ def flops_per_token(model: nn.Module, args: ModelArgs, seq_len: int) -> float:
     )
     attention = 6 * args.n_layers * args.dim * seq_len
     return 6 * (blocks + args.n_future_tokens * args.dim * args.vocab_size) + attention
-
-
-def attach_signal_sources(
-    signals,
-    needs: tuple[str, ...],
-    recipe,
-    base: ModelArgs,
-    info: DistInfo,
-    use_fsdp: bool,
-    data_hash: str,
-):
-    """Loads what the weighter's signals come from into `signals`: the reference model (rho1,
-    online) or its precomputed CE (rho1, precomputed), the value head (critic). Returns the
-    value head's optimizer, or None."""
-    from training.critic_stage1 import build_value_head
-    from training.reference import ReferenceCEStore
-
-    w = recipe.weighting
-    if "ref_ce" in needs and w.reference_source == "online":
-        ref_args, ref_weights = load_reference_files(recipe.model, base)
-        signals.reference = build_training_model(
-            ref_args, ref_weights, info, signals.dtype, use_fsdp, False
-        )
-    if "ref_ce" in needs and w.reference_source == "precomputed":
-        signals.store = ReferenceCEStore(w.reference_ce_dir, data_hash)
-    if "td_error" in needs:
-        signals.value_head, optimizer = build_value_head(base.dim, w.critic, info.device)
-        return optimizer
-    return None

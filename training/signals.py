@@ -1,6 +1,14 @@
-"""The per-token signals weighters read, computed without gradients on the detached trunk
-output by one explicit call in the loop (`Signals.inputs`): the policy's own CE (rho1-wmtp),
-the reference CE (rho1-wmtp), the critic's TD errors (critic-wmtp)."""
+"""The per-token signals weighters read (`weighting.inputs.SIGNALS`), computed without gradients
+on the detached trunk output by one explicit call in the step (`Signals.inputs`):
+
+    policy_token_ce   the policy's next-token CE of each target token, aligned to the heads
+    policy_head_ce    each head's own CE of its target token
+    reference_ce      the Rho-1 reference's CE: the loader's precomputed `Batch.ref_ce`, or a
+                      forward of the reference model
+    td_error          the critic's TD errors from the value head on the trunk
+
+`build_signals` makes the whole object in one call, with exactly the sources the weighter needs.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +17,23 @@ from dataclasses import dataclass
 import torch
 
 from data.loader import Batch
+from model.args import ModelArgs
 from model.transformer import Transformer
-from training.loss import autocast, chunked_head_ce
+from runtime.precision import autocast
+from training.critic import Critic, build_critic
+from training.distributed import DistInfo
+from training.loss import head_ce_map
 from training.recipe import Recipe
-from training.reference import ReferenceCEStore, reference_next_token_ce
-from weighting import ValueHead, WeightingInputs, align_to_heads, td_errors, terminal_rewards
-from weighting.config import CriticConfig
+from training.reference import reference_next_token_ce
+from training.setup import build_training_model, load_reference_files
+from weighting import Signal, WeightingInputs, align_to_heads, td_errors, terminal_rewards
 
 
 @torch.no_grad()
 def policy_head_ce(
     model: Transformer,
     trunk: torch.Tensor,
-    labels: torch.Tensor,
+    batch: Batch,
     chunk: int,
     dtype: torch.dtype,
     segment_ids: torch.Tensor | None = None,
@@ -29,97 +41,106 @@ def policy_head_ce(
 ) -> torch.Tensor:
     """(bsz, seq, heads): CE of the first `heads` heads' own target tokens, 0 where none."""
     per_head = []
-    for k in range(heads or labels.shape[-1]):
+    for k in range(heads or batch.labels.shape[-1]):
         with autocast(trunk.device, dtype):
             z = model.head_hidden(trunk, k, segment_ids=segment_ids)
-        per_head.append(chunked_head_ce(model, z, labels[..., k], chunk))
+        per_head.append(head_ce_map(model, z, batch.labels[..., k], batch.targets[k], chunk, dtype))
     return torch.stack(per_head, dim=-1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Signals:
     """Where this run's weighting signals come from.
 
     Attributes:
+        needs: the signals `inputs` computes (the weighter's `needs`).
         isolate_samples: pass the batch's segment ids to every forward (packed rows).
-        score: rho1's policy CE: `token` (head 0's CE of each target token, aligned to every
-            head that predicts it, as the reference CE is) or `head` (each head's own CE).
+        reference: the online Rho-1 reference (None: precomputed, on the batch, or not needed).
+        critic: the value head and its training (critic-wmtp).
     """
 
     model: Transformer
+    needs: tuple[Signal, ...]
     n_heads: int
     chunk: int
     dtype: torch.dtype
     isolate_samples: bool
-    score: str = "token"
     reference: Transformer | None = None
-    store: ReferenceCEStore | None = None
-    value_head: ValueHead | None = None
-    critic: CriticConfig | None = None
-
-    @classmethod
-    def for_recipe(
-        cls, model: Transformer, n_heads: int, dtype: torch.dtype, recipe: Recipe
-    ) -> Signals:
-        """Signals of the policy `model`; the reference, store and value head are set later."""
-        return cls(
-            model,
-            n_heads,
-            recipe.train.ce_chunk_size,
-            dtype,
-            isolate_samples=recipe.data.pack,
-            score=recipe.weighting.rho1.score,
-            critic=recipe.weighting.critic,
-        )
+    critic: Critic | None = None
 
     def segments(self, batch: Batch) -> torch.Tensor | None:
         return batch.segment_ids if self.isolate_samples else None
 
     @torch.no_grad()
-    def inputs(self, needs: tuple[str, ...], batch: Batch, trunk: torch.Tensor) -> WeightingInputs:
-        """The `WeightingInputs` a weighter with these `needs` reads, for one micro-batch."""
+    def inputs(self, batch: Batch, trunk: torch.Tensor) -> WeightingInputs:
+        """The `WeightingInputs` of one micro-batch: exactly the signals in `needs`."""
         inputs = WeightingInputs(batch.valid)
-        if "base_ce" in needs:
-            inputs.base_ce = self.policy_ce(batch, trunk)
-        if "ref_ce" in needs:
-            inputs.ref_ce = self.reference_ce(batch)
-        if "td_error" in needs:
+        if "policy_token_ce" in self.needs:
+            inputs.policy_token_ce = self.policy_token_ce(batch, trunk)
+        if "policy_head_ce" in self.needs:
+            inputs.policy_head_ce = policy_head_ce(
+                self.model, trunk, batch, self.chunk, self.dtype, self.segments(batch)
+            )
+        if "reference_ce" in self.needs:
+            inputs.reference_ce = self.reference_ce(batch)
+        if "td_error" in self.needs:
             inputs.td_error = self.td_errors(batch, trunk)
         return inputs
 
-    def policy_ce(self, batch: Batch, trunk: torch.Tensor) -> torch.Tensor:
-        """(bsz, seq, n_heads): the policy's CE of each head's target token."""
-        heads = 1 if self.score == "token" else self.n_heads
+    def policy_token_ce(self, batch: Batch, trunk: torch.Tensor) -> torch.Tensor:
+        """Head 0's CE of each target token, aligned to every head that predicts that token."""
         ce = policy_head_ce(
-            self.model, trunk, batch.labels, self.chunk, self.dtype, self.segments(batch), heads
+            self.model, trunk, batch, self.chunk, self.dtype, self.segments(batch), heads=1
         )
-        if self.score == "head":
-            return ce
         head0 = torch.where(batch.valid[..., 0], ce[..., 0], torch.nan)
         return align_to_heads(head0, self.n_heads)
 
     def reference_ce(self, batch: Batch) -> torch.Tensor:
-        """(bsz, seq, n_heads): the reference's CE of each head's target token, from a forward
-        of the reference or from the precomputed store (each sample scored alone)."""
-        if self.store is not None:
-            ce = torch.full(batch.tokens.shape, float("nan"))
-            for b, ids in enumerate(batch.sample_ids):
-                for seg, sid in enumerate(ids):
-                    pos = (batch.segment_ids[b] == seg).nonzero().flatten().cpu()
-                    values = self.store.get(sid)[: len(pos) - 1]
-                    ce[b, pos[: len(values)]] = values
-            ce = ce.to(batch.tokens.device)
-        else:
-            with autocast(batch.tokens.device, self.dtype):
-                ce = reference_next_token_ce(
-                    self.reference, batch.tokens, self.chunk, self.segments(batch)
-                )
+        """(bsz, seq, n_heads): the reference's CE of each head's target token, precomputed on
+        the batch (each sample scored alone) or from a forward of the reference."""
+        if batch.ref_ce is not None:
+            return align_to_heads(batch.ref_ce, self.n_heads)
+        if self.reference is None:
+            raise ValueError("reference_ce needs model.reference or precomputed reference CE")
+        with autocast(batch.tokens.device, self.dtype):
+            ce = reference_next_token_ce(
+                self.reference, batch.tokens, self.chunk, self.segments(batch)
+            )
         return align_to_heads(ce, self.n_heads)
 
     def td_errors(self, batch: Batch, trunk: torch.Tensor) -> torch.Tensor:
-        """(bsz, seq, n_heads): TD errors of the frozen value head, aligned to the heads."""
+        """(bsz, seq, n_heads): TD errors of the value head, aligned to the heads."""
         response = batch.valid[..., 0]
-        values = self.value_head(trunk)
-        rewards = terminal_rewards(response, batch.token_is_correct, self.critic)
-        delta = td_errors(rewards, values, response, self.critic.gamma)
+        values = self.critic.value_head(trunk)
+        rewards = terminal_rewards(response, batch.token_is_correct, self.critic.config)
+        delta = td_errors(rewards, values, response, self.critic.config.gamma)
         return align_to_heads(delta, self.n_heads, fill=0.0)
+
+
+def build_signals(
+    needs: tuple[Signal, ...],
+    recipe: Recipe,
+    model: Transformer,
+    base: ModelArgs,
+    info: DistInfo,
+    dtype: torch.dtype,
+    use_fsdp: bool,
+) -> Signals:
+    """The signals of a run: the online reference (rho1, `reference_source: online`) and the
+    critic (critic-wmtp) loaded here; precomputed reference CE arrives on the batches."""
+    reference = critic = None
+    if "reference_ce" in needs and recipe.weighting.reference_source == "online":
+        ref_args, ref_weights = load_reference_files(recipe.model, base)
+        reference = build_training_model(ref_args, ref_weights, info, dtype, use_fsdp, False)
+    if "td_error" in needs:
+        critic = build_critic(base.dim, recipe.weighting.critic, info.device)
+    return Signals(
+        model,
+        needs,
+        base.n_future_tokens,
+        recipe.train.ce_chunk_size,
+        dtype,
+        isolate_samples=recipe.data.pack,
+        reference=reference,
+        critic=critic,
+    )

@@ -3,7 +3,7 @@ trainer_state.json) and the guards' `GuardState` inside it."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -20,7 +20,6 @@ class GuardState:
     clean_steps: int = 0  # since the LR was last halved
     skipped_steps: int = 0
     restores: int = 0
-    fired_faults: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -75,7 +74,13 @@ class TrainState:
             if name == "history":
                 self.history[:] = value  # the step log appends to this very list
             else:
-                setattr(self, name, GuardState(**value) if name == "guard" else value)
+                setattr(self, name, _guard_state(value) if name == "guard" else value)
+
+
+def _guard_state(saved: dict) -> GuardState:
+    """A checkpoint's guard state; keys of older versions that no longer exist are ignored."""
+    known = {f.name for f in fields(GuardState)}
+    return GuardState(**{k: v for k, v in saved.items() if k in known})
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,62 +1,179 @@
-"""Pieces of one optimizer step that the loop in train_wmtp.py calls by name: the step's global
-target counts, Rho-1 token selection over the step, the running totals of its micro-batches,
-gradient clipping, validation loss."""
+"""Pieces of one optimizer step that `train_wmtp.train_step` and the loop call by name: the
+step's target counts N_k, the weights of per-step weighters, the running totals of the
+micro-batches (device tensors, read once per step into a `StepSummary`), gradient clipping and
+the logged metrics.
+
+Nothing here reads a device value inside the micro-batch loop: counts come from the loader
+(host values), sums stay on the device, and `StepTotals.reduce` makes the step's one read.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from data.loader import IGNORE_INDEX, Batch, TrainLoader
-from model.transformer import Transformer
-from training.distributed import DistInfo, all_gather_values, all_reduce_sum
-from training.loss import MTPLossResult, autocast, chunked_head_ce
+from data.loader import Batch
+from runtime.precision import autocast
+from training.distributed import DistInfo, all_reduce_tensor
+from training.loss import MTPLossResult
 from training.parallel import all_reduce_replicated_grads, clip_grad_norm, replicated_parameters
-from training.recipe import TrainSection
 from training.signals import Signals
-from weighting import WeightingConfig, weight_stats
-from weighting.registry import Weighter
-from weighting.rho1 import selected_weights, top_fraction_threshold
+from weighting import (
+    Collectives,
+    Weighter,
+    WeightingConfig,
+    check_mean_error,
+    mean_error,
+    scalar_stats,
+)
+from weighting.stats import N_BINS, stats_from_sums, weight_extremes, weight_sums
 
 
-def global_target_counts(batches: list[Batch], n_heads: int, info: DistInfo) -> list[float]:
-    """N_k: head k's target tokens over the whole optimizer step (all micro-batches and ranks)."""
-    local = [
-        float(sum((b.labels[..., k] != IGNORE_INDEX).sum() for b in batches))
-        for k in range(n_heads)
-    ]
-    return all_reduce_sum(local, info)
+def global_target_counts(batches: list[Batch], collectives: Collectives) -> torch.Tensor:
+    """N_k (n_heads,) float64: head k's target tokens over the whole optimizer step (all
+    micro-batches and ranks), from the loader's host counts."""
+    local = [sum(counts) for counts in zip(*(b.n_targets for b in batches), strict=True)]
+    device = batches[0].tokens.device
+    return collectives.sum(torch.tensor(local, dtype=torch.float64, device=device))
+
+
+@dataclass
+class StepWeights:
+    """A per-step weighter's verdict, made before any backward: every micro-batch's scores and
+    weights, and N_k = each head's tokens with a nonzero weight over the step (all ranks)."""
+
+    scores: list[torch.Tensor | None]
+    weights: list[torch.Tensor]
+    n_targets: torch.Tensor
 
 
 @torch.no_grad()
-def select_step_tokens(
-    batches: list[Batch], weighter: Weighter, signals: Signals, ratio: float, info: DistInfo
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[float]]:
-    """Rho-1 selection over the whole step: scores every micro-batch (a forward without
-    gradients), agrees on one threshold per head over all micro-batches and ranks, and returns
-    per micro-batch (scores, 0/1 weights) and the global selected count of each head (its N_k)."""
+def weigh_step_ahead(
+    batches: list[Batch], weighter: Weighter, signals: Signals, collectives: Collectives
+) -> StepWeights:
+    """Scores every micro-batch (a trunk forward without gradients), lets the weighter decide
+    from the whole step (`step_context`), then weights each micro-batch (Rho-1 selection)."""
     scores = []
     for batch in batches:
-        with autocast(info.device, signals.dtype):
+        with autocast(batch.tokens.device, signals.dtype):
             trunk = signals.model(
                 batch.tokens, return_trunk=True, segment_ids=signals.segments(batch)
             )
-        scores.append(weighter.scores(signals.inputs(weighter.needs, batch, trunk)))
-    thresholds = []
-    for k in range(signals.n_heads):
-        local = [
-            s[..., k][b.valid[..., k] & torch.isfinite(s[..., k])]
-            for s, b in zip(scores, batches, strict=True)
-        ]
-        thresholds.append(top_fraction_threshold(all_gather_values(torch.cat(local), info), ratio))
-    chosen = [
-        (s, selected_weights(s, b.valid, thresholds)) for s, b in zip(scores, batches, strict=True)
-    ]
-    counts = [float(sum(w[..., k].sum() for _, w in chosen)) for k in range(signals.n_heads)]
-    return chosen, all_reduce_sum(counts, info)
+        scores.append(weighter.scores(signals.inputs(batch, trunk)))
+    valid = [b.valid for b in batches]
+    context = weighter.step_context(scores, valid, collectives)
+    weights = [weighter.weights(s, v, context) for s, v in zip(scores, valid, strict=True)]
+    kept = torch.stack([(w > 0).sum((0, 1)) for w in weights]).sum(0).double()
+    return StepWeights(scores, weights, collectives.sum(kept))
+
+
+@dataclass
+class StepSummary:
+    """One optimizer step's numbers, summed over its micro-batches and every rank."""
+
+    loss: float
+    grad_norm: float
+    head_ce: list[float]  # unweighted CE per head
+    tokens: float  # non-padding tokens
+    weight_stats: dict  # `weighting.stats.stats_from_sums`
+    weight_error: float  # normalised weighters: worst |mean − 1| of a head (inf: broken)
+    diagnostics: dict[str, float]  # score moments, the fraction of tokens with weight > 0
+
+
+class StepTotals:
+    """Sums over the micro-batches of one optimizer step (this rank), kept as device tensors;
+    `reduce` adds them over ranks and reads them once."""
+
+    def __init__(
+        self, n_heads: int, device: torch.device, weighter: Weighter, config: WeightingConfig
+    ):
+        self.weighter, self.config = weighter, config
+        f64 = {"dtype": torch.float64, "device": device}
+        self.loss = torch.zeros((), **f64)
+        self.ce_sum = torch.zeros(n_heads, **f64)
+        self.ce_count, self.tokens = [0] * n_heads, 0  # host counts
+        self.scores = torch.zeros(4, **f64)  # n, Σs, Σs², non-finite
+        self.kept = torch.zeros(2, **f64)  # valid with weight > 0, valid
+        self.weight_sums = torch.zeros(6 + N_BINS, **f64)
+        self.weight_extremes = torch.full((2,), -math.inf, **f64)
+        self.weight_error = torch.zeros((), **f64)
+        self.first: tuple[Batch, torch.Tensor] | None = None  # the report's sample
+
+    @property
+    def bounds(self) -> tuple[float | None, float | None]:
+        if self.weighter.normalised:
+            return self.config.min_weight, self.config.max_weight
+        return None, None
+
+    @torch.no_grad()
+    def add(
+        self,
+        batch: Batch,
+        weights: torch.Tensor,
+        scores: torch.Tensor | None,
+        result: MTPLossResult,
+    ) -> None:
+        self.first = self.first or (batch, weights)
+        self.loss += result.loss
+        self.ce_sum += result.ce_sum
+        self.ce_count = [a + b for a, b in zip(self.ce_count, batch.n_targets, strict=True)]
+        self.tokens += batch.n_tokens
+        valid = batch.valid
+        if scores is not None:
+            finite = valid & torch.isfinite(scores)
+            values = torch.where(
+                finite, scores.double(), torch.zeros_like(scores, dtype=torch.float64)
+            )
+            self.scores += torch.stack(
+                [finite.sum(), values.sum(), (values**2).sum(), (valid & ~finite).sum()]
+            ).double()
+        self.kept += torch.stack([(valid & (weights > 0)).sum(), valid.sum()]).double()
+        lo, hi = self.bounds
+        self.weight_sums += weight_sums(weights, valid, lo, hi, self.config.max_weight)
+        self.weight_extremes = torch.maximum(self.weight_extremes, weight_extremes(weights, valid))
+        if self.weighter.normalised:
+            self.weight_error = torch.maximum(
+                self.weight_error, mean_error(weights, valid, self.config)
+            )
+
+    def reduce(self, grad_norm: torch.Tensor, info: DistInfo) -> StepSummary:
+        """Sums over ranks, reads everything in one go, and checks the weights' invariants
+        (raises WeightingError when normalised weights broke them)."""
+        device = self.loss.device
+        counts = torch.tensor([*self.ce_count, self.tokens], dtype=torch.float64, device=device)
+        flat = torch.cat(
+            [self.loss[None], self.ce_sum, counts, self.scores, self.kept, self.weight_sums]
+        )
+        flat = all_reduce_tensor(flat, info)
+        top = all_reduce_tensor(
+            torch.cat([self.weight_extremes, self.weight_error[None]]), info, "max"
+        )
+        values = torch.cat([flat, top, grad_norm.detach().double().reshape(1)]).tolist()
+        n = len(self.ce_count)
+        loss, ce_sum, counts = values[0], values[1 : 1 + n], values[1 + n : 2 + 2 * n]
+        rest = values[2 + 2 * n :]
+        (count, total, squares, nonfinite), (kept, valid) = rest[:4], rest[4:6]
+        sums, (w_max, w_neg_min, error, norm) = rest[6:-4], rest[-4:]
+        diagnostics = {"weight_selected_fraction": kept / max(valid, 1)}
+        if count:
+            mean = total / count
+            std = math.sqrt(max(squares / count - mean**2, 0.0))
+            diagnostics |= {"score_mean": mean, "score_std": std, "score_nonfinite": nonfinite}
+        summary = StepSummary(
+            loss=loss,
+            grad_norm=norm,
+            head_ce=[s / max(c, 1) for s, c in zip(ce_sum, counts[:n], strict=True)],
+            tokens=counts[n],
+            weight_stats=stats_from_sums(sums, [w_max, w_neg_min], self.config.max_weight),
+            weight_error=error,
+            diagnostics=diagnostics,
+        )
+        if self.weighter.normalised:
+            check_mean_error(error, self.config)
+        return summary
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
@@ -65,139 +182,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-@dataclass
-class StepTotals:
-    """Sums over the micro-batches of one optimizer step (this rank): loss, CE per head, tokens,
-    the raw weighting scores' moments, and the weights themselves (for statistics)."""
-
-    n_heads: int
-    loss: float = 0.0
-    ce_sum: list[float] = field(default_factory=list)
-    ce_count: list[int] = field(default_factory=list)
-    tokens: int = 0  # non-padding tokens
-    scores: list[float] = field(
-        default_factory=lambda: [0.0] * 6
-    )  # n, Σs, Σs², non-finite, selected, valid
-    weights: list[tuple[Batch, torch.Tensor]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.ce_sum, self.ce_count = [0.0] * self.n_heads, [0] * self.n_heads
-
-    def add(
-        self,
-        batch: Batch,
-        weights: torch.Tensor,
-        scores: torch.Tensor | None,
-        result: MTPLossResult,
-    ) -> None:
-        self.loss += result.loss
-        for k in range(self.n_heads):
-            self.ce_sum[k] += result.ce_sum[k]
-            self.ce_count[k] += result.ce_count[k]
-        self.tokens += int((batch.segment_ids >= 0).sum())
-        self.weights.append((batch, weights))
-        valid = batch.valid
-        if scores is not None:
-            finite = valid & torch.isfinite(scores)
-            values = scores[finite].double()
-            self.scores[0] += values.numel()
-            self.scores[1] += float(values.sum())
-            self.scores[2] += float((values**2).sum())
-            self.scores[3] += float((valid & ~torch.isfinite(scores)).sum())
-        self.scores[4] += float((valid & (weights > 0)).sum())
-        self.scores[5] += float(valid.sum())
-
-    def reduce(self, info: DistInfo) -> tuple[float, list[float], float, dict[str, float]]:
-        """(step loss, unweighted CE per head, tokens, score diagnostics) summed over ranks."""
-        totals = all_reduce_sum(
-            [self.loss, *self.ce_sum, *self.ce_count, float(self.tokens), *self.scores], info
-        )
-        n = self.n_heads
-        head_ce = [totals[1 + k] / max(totals[1 + n + k], 1) for k in range(n)]
-        count, total, squares, nonfinite, selected, valid = totals[-6:]
-        diagnostics = {"weight_selected_fraction": selected / max(valid, 1)}
-        if count:
-            mean = total / count
-            std = math.sqrt(max(squares / count - mean**2, 0.0))
-            diagnostics |= {"score_mean": mean, "score_std": std, "score_nonfinite": nonfinite}
-        return totals[0], head_ce, totals[1 + 2 * n], diagnostics
-
-    def weight_stats(self, config: WeightingConfig) -> dict:
-        """`weighting.weight_stats` over every valid (token, head) weight of the step."""
-        values = (
-            torch.cat([w[b.valid] for b, w in self.weights]) if self.weights else torch.zeros(0)
-        )
-        normalised = config.algo != "baseline" and not (
-            config.algo == "rho1-wmtp" and config.rho1.mode == "select"
-        )
-        lo, hi = (config.min_weight, config.max_weight) if normalised else (None, None)
-        everything = torch.ones_like(values, dtype=torch.bool)
-        return weight_stats(values, everything, lo, hi, hist_max=config.max_weight)
-
-
 def step_metrics(
-    loss: float,
-    lr: float,
-    grad_norm: float,
-    tokens: float,
-    seconds: float,
-    flops_per_token: float,
-    peak_flops: float,
-    head_ce: list[float],
-    *extra: dict,
+    summary: StepSummary, lr: float, seconds: float, flops_per_token: float, peak_flops: float
 ) -> dict[str, float]:
-    """The step's logged numbers: loss, LR, gradient norm, throughput and MFU, CE per head, and
-    the `extra` dicts (weight statistics, score diagnostics)."""
-    metrics = {
-        "loss": loss,
+    """The step's logged numbers: loss, LR, gradient norm, throughput and MFU, weight statistics,
+    score diagnostics and CE per head."""
+    return {
+        "loss": summary.loss,
         "lr": lr,
-        "grad_norm": grad_norm,
-        "tokens_per_s": tokens / seconds,
+        "grad_norm": summary.grad_norm,
+        "tokens_per_s": summary.tokens / seconds,
         "step_time_s": seconds,
-        "mfu": flops_per_token * tokens / seconds / peak_flops,
+        "mfu": flops_per_token * summary.tokens / seconds / peak_flops,
+        **scalar_stats(summary.weight_stats),
+        **summary.diagnostics,
+        **{f"ce_head{k}": ce for k, ce in enumerate(summary.head_ce)},
     }
-    for more in extra:
-        metrics |= more
-    return metrics | {f"ce_head{k}": ce for k, ce in enumerate(head_ce)}
 
 
-def clip_gradients(model: nn.Module, max_norm: float, use_fsdp: bool) -> float:
-    """Averages the replicated heads' gradients over ranks (FSDP), then clips the global norm."""
+def clip_gradients(model: nn.Module, max_norm: float, use_fsdp: bool) -> torch.Tensor:
+    """Averages the replicated heads' gradients over ranks (FSDP), then clips the global norm;
+    returns the norm before clipping (a device tensor)."""
     if use_fsdp:
         all_reduce_replicated_grads(replicated_parameters(model))
     return clip_grad_norm(list(model.parameters()), max_norm)
-
-
-def is_finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
-@torch.no_grad()
-def validation_loss(
-    model: Transformer,
-    loader: TrainLoader,
-    train: TrainSection,
-    dtype: torch.dtype,
-    info: DistInfo,
-    isolate_samples: bool = False,
-) -> dict[str, float]:
-    """Unweighted CE per head over `train.eval_batches` validation batches (all ranks), head 0 =
-    val_loss."""
-    n_batches, chunk = train.eval_batches, train.ce_chunk_size
-    n_heads = loader.config.n_heads
-    sums, counts = [0.0] * n_heads, [0.0] * n_heads
-    model.eval()
-    for _ in range(n_batches):
-        batch = loader.next_batch().to(info.device)
-        segments = batch.segment_ids if isolate_samples else None
-        with autocast(info.device, dtype):
-            h = model(batch.tokens, return_trunk=True, segment_ids=segments)
-            for k in range(n_heads):
-                z = model.head_hidden(h, k, segment_ids=segments)
-                ce = chunked_head_ce(model, z, batch.labels[..., k], chunk)
-                sums[k] += float(ce.sum())
-                counts[k] += float((batch.labels[..., k] != IGNORE_INDEX).sum())
-    model.train()
-    totals = all_reduce_sum(sums + counts, info)
-    ce = [totals[k] / max(totals[n_heads + k], 1) for k in range(n_heads)]
-    return {"val_loss": ce[0], **{f"val_ce_head{k}": ce[k] for k in range(n_heads)}}

@@ -1,28 +1,42 @@
-"""Token weighting for weighted MTP (tensor math only): baseline, rho1-wmtp and critic-wmtp."""
+"""Token weighting for weighted MTP (tensor math only): baseline, rho1-wmtp, critic-wmtp, dft."""
 
-from weighting.config import ALGORITHMS, CriticConfig, NormalizeConfig, Rho1Config, WeightingConfig
+from weighting.config import CriticConfig, NormalizeConfig, Rho1Config, WeightingConfig
 from weighting.critic import ValueHead, gae, td_errors, terminal_rewards, value_loss
 from weighting.heads import align_to_heads
-from weighting.inputs import WeightingError, WeightingInputs
-from weighting.normalize import normalize_per_head, normalize_scores
-from weighting.registry import WEIGHTERS, get_weighter
+from weighting.inputs import (
+    SIGNALS,
+    Collectives,
+    Signal,
+    SingleProcess,
+    WeightingError,
+    WeightingInputs,
+)
+from weighting.normalize import check_mean_error, mean_error, normalize_per_head, normalize_scores
+from weighting.registry import WEIGHTERS, Weighter, get_weighter, register
 from weighting.stats import scalar_stats, weight_stats
 
 __all__ = [
-    "ALGORITHMS",
+    "SIGNALS",
     "WEIGHTERS",
+    "Collectives",
     "CriticConfig",
     "NormalizeConfig",
     "Rho1Config",
+    "Signal",
+    "SingleProcess",
     "ValueHead",
+    "Weighter",
     "WeightingConfig",
     "WeightingError",
     "WeightingInputs",
     "align_to_heads",
+    "check_mean_error",
     "gae",
     "get_weighter",
+    "mean_error",
     "normalize_per_head",
     "normalize_scores",
+    "register",
     "scalar_stats",
     "td_errors",
     "terminal_rewards",

@@ -7,23 +7,21 @@ from typing import ClassVar
 import torch
 
 from weighting.config import WeightingConfig
-from weighting.inputs import WeightingInputs
+from weighting.inputs import Signal, WeightingInputs
 
 
 class BaselineWeighter:
     name: ClassVar[str] = "baseline"
-    needs: ClassVar[tuple[str, ...]] = ()
-    selects_per_step: ClassVar[bool] = False
+    per_step: ClassVar[bool] = False
+    normalised: ClassVar[bool] = False
 
     def __init__(self, config: WeightingConfig):
         self.config = config
+        self.needs: tuple[Signal, ...] = ()
 
     def scores(self, inputs: WeightingInputs) -> None:
         """Uniform weights have no score."""
         return None
 
-    def weights_from_scores(self, scores: None, valid: torch.Tensor) -> torch.Tensor:
+    def weights(self, scores: None, valid: torch.Tensor, step_context: None = None) -> torch.Tensor:
         return valid.float()
-
-    def weights(self, inputs: WeightingInputs) -> torch.Tensor:
-        return inputs.valid.float()

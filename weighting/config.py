@@ -13,7 +13,6 @@ from typing import Literal
 
 from runtime.schema import ConfigError, did_you_mean, require
 
-ALGORITHMS = ("baseline", "rho1-wmtp", "critic-wmtp")
 MIN_TEMPERATURE = 1e-3
 
 
@@ -106,7 +105,8 @@ class Rho1Config:
 
 @dataclass(frozen=True)
 class WeightingConfig(NormalizeConfig):
-    """The whole `weighting:` section: algorithm, normalisation, reference CE source, rho1, critic."""
+    """The whole `weighting:` section: algorithm (a key of `weighting.registry.WEIGHTERS`),
+    normalisation, reference CE source, rho1, critic."""
 
     algo: str = "rho1-wmtp"
     reference_source: Literal["online", "precomputed"] = "online"
@@ -116,10 +116,12 @@ class WeightingConfig(NormalizeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.algo not in ALGORITHMS:
+        from weighting.registry import WEIGHTERS  # the registry imports the weighters, they this
+
+        if self.algo not in WEIGHTERS:
             raise ConfigError(
-                f"weighting.algo={self.algo!r} is invalid: allowed {', '.join(ALGORITHMS)}"
-                f"{did_you_mean(self.algo, list(ALGORITHMS))}"
+                f"weighting.algo={self.algo!r} is invalid: allowed {', '.join(WEIGHTERS)}"
+                f"{did_you_mean(self.algo, list(WEIGHTERS))}"
             )
         if self.reference_source == "precomputed":
             require(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from weighting.config import CriticConfig, WeightingConfig
-from weighting.inputs import WeightingInputs
+from weighting.inputs import Signal, WeightingInputs
 from weighting.normalize import normalize_per_head
 
 
@@ -89,18 +89,19 @@ def gae(
 
 
 def value_loss(values: torch.Tensor, returns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Stage-1 objective: mean squared error to the (detached) returns over valid tokens."""
+    """Mean squared error to the (detached) returns over valid tokens."""
     sq = (values - returns.detach()) ** 2
     return (sq * valid).sum() / valid.sum().clamp(min=1)
 
 
 class CriticWeighter:
     name: ClassVar[str] = "critic-wmtp"
-    needs: ClassVar[tuple[str, ...]] = ("td_error",)
-    selects_per_step: ClassVar[bool] = False
+    per_step: ClassVar[bool] = False
+    normalised: ClassVar[bool] = True
 
     def __init__(self, config: WeightingConfig):
         self.config = config
+        self.needs: tuple[Signal, ...] = ("td_error",)
 
     @torch.no_grad()
     def scores(self, inputs: WeightingInputs) -> torch.Tensor:
@@ -109,8 +110,7 @@ class CriticWeighter:
         return inputs.td_error.float()
 
     @torch.no_grad()
-    def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def weights(
+        self, scores: torch.Tensor, valid: torch.Tensor, step_context: None = None
+    ) -> torch.Tensor:
         return normalize_per_head(scores, valid, self.config)
-
-    def weights(self, inputs: WeightingInputs) -> torch.Tensor:
-        return self.weights_from_scores(self.scores(inputs), inputs.valid)

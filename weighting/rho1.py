@@ -3,14 +3,14 @@
 The reference (Sheared-LLaMA 2.7B, the Rho-1 reference) is a next-token model: for head k at
 position t (target token t+k+1) the score uses the reference CE of that same target token
 (`weighting.heads.align_to_heads`). With `rho1.score: token` the policy side is its next-token
-CE of the same token (same context as the reference), so every head predicting x_j shares one
-score; with `score: head` it is head k's own CE.
+CE of the same token (signal `policy_token_ce`: same context as the reference), so every head
+predicting x_j shares one score; with `score: head` it is head k's own CE (`policy_head_ce`).
 
 `mode: soft` → |excess| through the shared pipeline (every token kept, emphasis continuous).
-`mode: select` → Rho-1's token selection: signed excess, the top `select_ratio` of each head's
-target tokens over the whole optimizer step get weight 1, the others 0. The threshold is agreed
-over all micro-batches and ranks by the training loop (`top_fraction_threshold` on the gathered
-scores); `selected_weights` applies it.
+`mode: select` → Rho-1's token selection, a per-step weighter: signed excess; the top
+`select_ratio` of each head's target tokens over the whole optimizer step (every micro-batch,
+every rank) get weight 1, the others 0, and each head's loss is averaged over its selected
+tokens. `step_context` agrees on the thresholds; `weights` applies them.
 """
 
 from __future__ import annotations
@@ -21,51 +21,68 @@ from typing import ClassVar
 import torch
 
 from weighting.config import WeightingConfig
-from weighting.inputs import WeightingError, WeightingInputs
+from weighting.inputs import Collectives, Signal, WeightingInputs
 from weighting.normalize import normalize_per_head
 
 
 class Rho1Weighter:
     name: ClassVar[str] = "rho1-wmtp"
-    needs: ClassVar[tuple[str, ...]] = ("base_ce", "ref_ce")
 
     def __init__(self, config: WeightingConfig):
         self.config = config
-        self.selects_per_step = config.rho1.mode == "select"
+        policy: Signal = "policy_token_ce" if config.rho1.score == "token" else "policy_head_ce"
+        self.needs: tuple[Signal, ...] = (policy, "reference_ce")
+        self.per_step = config.rho1.mode == "select"
+        self.normalised = not self.per_step
 
     @torch.no_grad()
     def scores(self, inputs: WeightingInputs) -> torch.Tensor:
         """Signed excess CE_policy − CE_ref (select), or its magnitude (soft)."""
         inputs.require(self.name, *self.needs)
-        excess = inputs.base_ce.float() - inputs.ref_ce.float()
-        return excess if self.selects_per_step else excess.abs()
+        policy = getattr(inputs, self.needs[0])
+        excess = policy.float() - inputs.reference_ce.float()
+        return excess if self.per_step else excess.abs()
 
     @torch.no_grad()
-    def weights_from_scores(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self.selects_per_step:
-            raise WeightingError(
-                "rho1 select mode needs the step's thresholds: use selected_weights()"
-            )
+    def step_context(
+        self, scores: list[torch.Tensor], valid: list[torch.Tensor], collectives: Collectives
+    ) -> torch.Tensor:
+        """Select mode: each head's threshold (n_heads,) over the whole step, all ranks."""
+        n_heads = scores[0].shape[-1]
+        candidates = torch.cat(
+            [
+                torch.where(v & torch.isfinite(s), s.double(), -math.inf).reshape(-1, n_heads)
+                for s, v in zip(scores, valid, strict=True)
+            ]
+        )
+        return top_fraction_threshold(
+            collectives.gather(candidates, -math.inf), self.config.rho1.select_ratio
+        )
+
+    @torch.no_grad()
+    def weights(
+        self, scores: torch.Tensor, valid: torch.Tensor, step_context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.per_step:
+            return selected_weights(scores, valid, step_context)
         return normalize_per_head(scores, valid, self.config)
 
-    def weights(self, inputs: WeightingInputs) -> torch.Tensor:
-        return self.weights_from_scores(self.scores(inputs), inputs.valid)
 
-
-def top_fraction_threshold(values: torch.Tensor, ratio: float) -> float:
-    """The score a value needs to be among the top ceil(ratio·n) of `values` (1-D, finite)."""
-    n = values.numel()
-    if n == 0:
-        return math.inf
-    k = max(1, math.ceil(ratio * n))
-    return float(torch.topk(values.double(), k).values[-1])
+def top_fraction_threshold(candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Per column of `candidates` (n, n_heads; -inf = not a candidate): the score a value needs
+    to be among the top ceil(ratio·m) of the m candidates; +inf where there are none."""
+    count = torch.isfinite(candidates).sum(0)
+    keep = torch.ceil(ratio * count.double()).long().clamp(min=1)
+    ordered = candidates.sort(dim=0, descending=True).values
+    kth = ordered.gather(0, (keep - 1).clamp(max=candidates.shape[0] - 1)[None]).squeeze(0)
+    return torch.where(count > 0, kth, torch.full_like(kth, math.inf))
 
 
 @torch.no_grad()
 def selected_weights(
-    scores: torch.Tensor, valid: torch.Tensor, thresholds: list[float]
+    scores: torch.Tensor, valid: torch.Tensor, thresholds: torch.Tensor
 ) -> torch.Tensor:
-    """(bsz, seq, n_heads) 1.0 where head k's valid, finite score reaches thresholds[k], else 0."""
-    limit = torch.tensor(thresholds, dtype=torch.float64, device=scores.device)
+    """(bsz, seq, n_heads) 1.0 where head k's valid, non-NaN score reaches thresholds[k]."""
+    limit = thresholds.to(device=scores.device, dtype=torch.float64)
     keep = valid & ~torch.isnan(scores) & (scores.double() >= limit)
     return keep.float()

@@ -1,7 +1,10 @@
-"""critic-wmtp stage 1: regress the value head on GAE returns of the sequence reward (trunk
-frozen), then measure how much of the held-out return variance it explains."""
+"""critic-wmtp's value head and its training: stage 1 regresses it on GAE returns of the
+sequence reward (trunk frozen), then measures how much of the held-out return variance it
+explains."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,10 +12,9 @@ import torch.distributed as dist
 
 from data.loader import Batch, TrainLoader
 from model.transformer import Transformer
+from runtime.precision import autocast
 from training.distributed import DistInfo, all_reduce_sum
-from training.loss import autocast
 from training.run_log import StepLog
-from training.signals import Signals
 from training.state import TrainState
 from weighting import ValueHead, gae, terminal_rewards, value_loss
 from weighting.config import CriticConfig
@@ -20,10 +22,19 @@ from weighting.config import CriticConfig
 LOW_EXPLAINED_VARIANCE = 0.1
 
 
-def build_value_head(dim: int, critic: CriticConfig, device: torch.device):
-    """The value head (zero-initialised) and its AdamW optimizer."""
+@dataclass(frozen=True)
+class Critic:
+    """The value head, its AdamW optimizer and the recipe's `weighting.critic` section."""
+
+    value_head: ValueHead
+    optimizer: torch.optim.Optimizer
+    config: CriticConfig
+
+
+def build_critic(dim: int, config: CriticConfig, device: torch.device) -> Critic:
+    """A zero-initialised value head on `device` with its optimizer."""
     head = ValueHead(dim).to(device)
-    return head, torch.optim.AdamW(head.parameters(), lr=critic.value_lr)
+    return Critic(head, torch.optim.AdamW(head.parameters(), lr=config.value_lr), config)
 
 
 def _values_and_returns(
@@ -45,25 +56,23 @@ def _values_and_returns(
 
 def critic_stage1_step(
     model: Transformer,
-    value_head: ValueHead,
-    optimizer: torch.optim.Optimizer,
+    critic: Critic,
     batch: Batch,
-    critic: CriticConfig,
     dtype: torch.dtype,
     info: DistInfo,
     segment_ids: torch.Tensor | None = None,
 ) -> float:
     """One regression step; returns the value loss averaged over ranks."""
     values, returns, response = _values_and_returns(
-        model, value_head, batch, critic, dtype, segment_ids
+        model, critic.value_head, batch, critic.config, dtype, segment_ids
     )
     loss = value_loss(values, returns, response)
-    optimizer.zero_grad(set_to_none=True)
+    critic.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if info.enabled:
-        for p in value_head.parameters():
+        for p in critic.value_head.parameters():
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-    optimizer.step()
+    critic.optimizer.step()
     return all_reduce_sum([loss.item()], info)[0] / info.world_size
 
 
@@ -118,47 +127,35 @@ def critic_warnings(is_correct: np.ndarray, critic: CriticConfig, ev: float | No
 
 def run_stage1(
     state: TrainState,
-    signals: Signals,
-    optimizer: torch.optim.Optimizer,
+    model: Transformer,
+    critic: Critic,
     loader: TrainLoader,
     held_out: TrainLoader | None,
     eval_batches: int,
+    dtype: torch.dtype,
+    isolate_samples: bool,
     info: DistInfo,
     log: StepLog,
 ) -> list[str]:
-    """Stage 1 from `state.stage1_step` to `critic.stage1_steps` (the policy `signals.model` is
-    frozen, `signals.value_head` learns), then the explained variance on `held_out` (once per
-    run); returns the critic's warnings, also printed."""
-    model, value_head, critic = signals.model, signals.value_head, signals.critic
-    log.start_stage("[critic stage 1]", critic.stage1_steps, state.stage1_step)
-    while state.stage1_step < critic.stage1_steps:
+    """Stage 1 from `state.stage1_step` to `critic.stage1_steps` (the policy `model` is frozen,
+    the value head learns), then the explained variance on `held_out` (once per run); returns
+    the critic's warnings, also printed."""
+    config = critic.config
+    log.start_stage("[critic stage 1]", config.stage1_steps, state.stage1_step)
+    while state.stage1_step < config.stage1_steps:
         batch = loader.next_batch().to(info.device)
-        loss = critic_stage1_step(
-            model,
-            value_head,
-            optimizer,
-            batch,
-            critic,
-            signals.dtype,
-            info,
-            signals.segments(batch),
-        )
+        segments = batch.segment_ids if isolate_samples else None
+        loss = critic_stage1_step(model, critic, batch, dtype, info, segments)
         state.stage1_step += 1
-        log({"stage1_value_loss": loss}, state.stage1_step, critic.stage1_steps, "stage1")
+        log({"stage1_value_loss": loss}, state.stage1_step, config.stage1_steps, "stage1")
     if held_out is not None and state.stage1_explained_variance is None:
         ev = explained_variance(
-            model,
-            value_head,
-            held_out,
-            eval_batches,
-            critic,
-            signals.dtype,
-            info,
-            signals.isolate_samples,
-        )
+            model, critic.value_head, held_out.rewind(), eval_batches, config, dtype, info,
+            isolate_samples,
+        )  # fmt: skip
         state.stage1_explained_variance = ev
         log({"stage1_explained_variance": ev}, state.stage1_step, state.stage1_step, "critic_eval")
-    warnings = critic_warnings(loader.split_is_correct(), critic, state.stage1_explained_variance)
+    warnings = critic_warnings(loader.split_is_correct(), config, state.stage1_explained_variance)
     for warning in warnings if info.is_main else []:
         print(f"[warning] {warning}", flush=True)
     return warnings

@@ -1,4 +1,5 @@
-"""Exports of a trained model: the full-weight safetensors model dir that evaluation reads."""
+"""The run's final export: the full-weight safetensors model dir that evaluation reads (other
+formats: `model.export`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ def export_safetensors(
     dtype: torch.dtype,
     metadata: dict[str, str] | None = None,
     tokenizer: Path | None = None,
-    kill_point=None,
 ) -> Path | None:
     """Gathers full weights (collective) and writes a model dir (with tokenizer.model) on the
     main rank, into a temporary dir renamed into place: a failed export leaves no half dir."""
@@ -38,8 +38,6 @@ def export_safetensors(
             shutil.rmtree(tmp, ignore_errors=True)
             extra = {"tokenizer.model": tokenizer} if tokenizer else None
             save_model_dir(tmp, args, state, metadata=metadata, extra_files=extra)
-            if kill_point is not None:
-                kill_point("export")  # fault injection: killed with the export half done
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
