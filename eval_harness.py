@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[eval] compute dtype {precision.name}: {precision.reason}", flush=True)
         model = load_model(a.ckpt, device, precision.dtype)
     sampling = SamplingConfig(a.temperature, a.top_p, a.max_new_tokens)
-    sandbox = Sandbox(Limits(timeout_s=a.timeout, cpu_s=int(a.timeout) + 1, memory_mb=a.memory_mb))
+    limits = Limits(timeout_s=a.timeout, cpu_s=int(a.timeout) + 1, memory_mb=a.memory_mb)
+    sandbox = Sandbox(limits, hide=(env.storage.root,))  # programs never see datasets or answers
     out_dir = a.output_dir or a.ckpt / "eval"
     tracker = Tracker(env.mlflow, active=not a.no_mlflow)
     all_summaries: dict = {"isolation": sandbox.isolation, "sampling": sampling.__dict__}

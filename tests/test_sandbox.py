@@ -18,12 +18,22 @@ from evaluation.sandbox import Limits, Sandbox
 from tests.conftest import REPO_ROOT
 
 LIMITS = Limits(timeout_s=3, cpu_s=3, memory_mb=512, output_bytes=64_000)
-REIMPORT_CTYPES = "import sys\nfor m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\nimport ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+REIMPORT_CTYPES = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 
 
 @pytest.fixture(scope="module", params=["namespaces", "fallback"])
 def sandbox(request):
     box = Sandbox(LIMITS, isolate=request.param == "namespaces")
+    if request.param == "namespaces" and not box.namespaces:
+        pytest.skip(f"the kernel refuses namespaces here: {box.isolation}")
+    yield box
+    box.close()
+
+
+@pytest.fixture(scope="module", params=["namespaces", "fallback"])
+def bare(request):
+    """The kernel layers alone (no in-process guard or audit hook): ctypes reaches libc."""
+    box = Sandbox(LIMITS, isolate=request.param == "namespaces", guards=False)
     if request.param == "namespaces" and not box.namespaces:
         pytest.skip(f"the kernel refuses namespaces here: {box.isolation}")
     yield box
@@ -182,7 +192,8 @@ def test_setting_the_verdict_event_early_is_detected(sandbox):
 
 
 # ------------------------------------------------------------------------ escapes
-def test_remounting_root_read_write_fails_and_the_project_is_untouched(sandbox):
+def test_remounting_root_read_write_fails_and_the_project_is_untouched(bare):
+    sandbox = bare
     canary = REPO_ROOT / "sandbox-canary.txt"
     program = (
         REIMPORT_CTYPES
@@ -193,10 +204,12 @@ def test_remounting_root_read_write_fails_and_the_project_is_untouched(sandbox):
     )
     result = sandbox.run(program)
     assert not canary.exists()
+    assert "mount -1" in result.stdout  # libc was reached; the kernel refused
     assert_failed_and_host_fine(sandbox, result)
 
 
-def test_entering_other_namespaces_fails(sandbox, tmp_path, listener):
+def test_entering_other_namespaces_fails(bare, tmp_path, listener):
+    sandbox = bare
     port, accepted = listener
     canary = Path("/tmp") / f"wmtp-canary-{os.getpid()}"
     program = REIMPORT_CTYPES + (
@@ -314,7 +327,7 @@ def test_a_double_forked_daemon_does_not_outlive_the_run(sandbox):
         ("sleeping forever", "import time\ntime.sleep(1000)", {"timeout"}),
         ("memory bomb", "x = []\nwhile True:\n    x.append(bytearray(10**7))", {"failed", "killed"}),
         ("os._exit before the asserts", "import os\nos._exit(0)\nassert False", {"failed"}),
-        ("huge output", "while True:\n    print('x' * 10000)", {"failed", "killed"}),
+        ("huge output", "while True:\n    print('x' * 10000)", {"timeout", "killed"}),
         ("kill the parent", "import os\nos.kill(os.getppid(), 9)", {"failed"}),
     ],
 )  # fmt: skip
