@@ -42,6 +42,7 @@ from training.guards import Guards, parameters_finite, storage_failure, weightin
 from training.loss import mtp_loss_backward
 from training.model_registry import register_run
 from training.parallel import set_gradient_sync
+from training.plan import GPUS, measure_main, plan_main
 from training.recipe import Recipe, load_recipe
 from training.report import RunReporter, WeightSamples
 from training.run import Run, build_run
@@ -65,6 +66,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipes/*.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-5")
     parser.add_argument("--config", help="environment config (default recipes/config.yaml)")
+    plan = parser.add_argument_group("planning (no GPU, no weights): training/plan.py")
+    plan.add_argument("--plan", action="store_true", help="memory, fit, FLOPs and time per rank")
+    plan.add_argument("--nproc-per-node", type=int, default=8)
+    plan.add_argument("--nnodes", type=int, default=1)
+    plan.add_argument("--gpu", choices=sorted(GPUS), default="a100")
+    plan.add_argument("--gpu-memory-gib", type=float, help="default: the GPU's")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
+    plan.add_argument(
+        "--target-share", type=float, default=1.0, help="share of positions with a target"
+    )
+    plan.add_argument(
+        "--measure", action="store_true", help="the same trace on real tensors (and ranks)"
+    )
+    plan.add_argument("--plan-json", help="also write the plan (or measurement) as JSON here")
     return parser.parse_intermixed_args(argv)
 
 
@@ -72,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     cli = parse_args(argv)
     recipe = load_recipe(cli.recipe, cli.overrides)
+    if cli.plan:
+        return plan_main(recipe, cli.nnodes, cli.nproc_per_node, cli.gpu, cli.gpu_memory_gib,
+                         cli.mfu, cli.target_share, cli.plan_json)  # fmt: skip
+    if cli.measure:
+        return measure_main(recipe, cli.target_share, cli.plan_json)
     env = load_env_config(cli.config)
     info = init_distributed(recipe.run.device, recipe.run.dist_timeout_s)
     board = FailureBoard(info)
@@ -120,7 +140,7 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
     make_output_dir(out)
     state = TrainState()
     checkpoints = Checkpoints(
-        out / "checkpoints", r.checkpoint, info, model, optimizer, run.extra_modules, loader,
+        out / "checkpoints", r.checkpoint, info, model, optimizer, run.extras, loader,
         state, env.s3, r.run.name,
     )  # fmt: skip
     checkpoints.resume()
@@ -145,6 +165,10 @@ def train(recipe: Recipe, env: EnvConfig, info: DistInfo, board: FailureBoard) -
                 run.dtype, r.data.pack, info, log,
             )  # fmt: skip
         log.start_stage("[train]", r.train.max_steps, state.step)
+        fresh = state.step == 0 and r.train.eval_at_start
+        start = validate(model, 0) if fresh else {}  # where fine-tuning starts from
+        if start:
+            log(tracked(start), 0, r.train.max_steps, "validation")
         while state.step < r.train.max_steps:
             step, started, cursor = state.step + 1, time.perf_counter(), loader.state_dict()
             lr = set_lr(optimizer, lr_at(state.step, r.train) * guards.lr_scale)

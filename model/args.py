@@ -105,3 +105,12 @@ class ModelArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The published shapes the planner uses before the weights are on disk (`train_wmtp.py --plan`):
+# Meta's 7B_1T_4 params.json (what prepare_assets.py step 3 writes into meta_adapter.yaml) and
+# Sheared-LLaMA 2.7B's config.json (the Rho-1 reference), in ModelArgs' terms.
+META_7B_1T_4 = {"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000,
+                "multiple_of": 256, "norm_eps": 1e-5, "n_future_tokens": 4}  # fmt: skip
+SHEARED_LLAMA_2_7B = {"dim": 2560, "n_layers": 32, "n_heads": 20, "vocab_size": 32000,
+                      "ffn_hidden_dim": 6912, "norm_eps": 1e-6, "n_future_tokens": 1}  # fmt: skip

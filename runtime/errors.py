@@ -7,6 +7,9 @@ StorageError  writing to storage failed: disk full, read-only, vanished (exit 5)
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_NAN, EXIT_OOM, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 
@@ -33,3 +36,27 @@ def storage_error(action: str, path: object, exc: BaseException) -> StorageError
         text.splitlines()[-1] if text else type(exc).__name__
     )
     return StorageError(f"{action} {path} failed: {cause}")
+
+
+def root_os_error(exc: BaseException) -> BaseException:
+    """The OSError inside a wrapped exception (e.g. DCP's CheckpointException), if there is one."""
+    seen = exc
+    for _ in range(8):
+        if isinstance(seen, OSError):
+            return seen
+        failures = getattr(seen, "failures", None)  # CheckpointException: {rank: (exc, trace)}
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            seen = first[0] if isinstance(first, tuple) else first
+            continue
+        if seen.__cause__ is None and seen.__context__ is None:
+            break
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the file system of `path` (or its nearest existing ancestor)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from runtime.errors import StorageError, storage_error
+from runtime.errors import StorageError, free_bytes, root_os_error, storage_error
 from runtime.integrity import (
     SUMS_FILE,
     ChecksumError,
@@ -58,12 +58,6 @@ def _local_bytes(state: Any) -> int:
     if hasattr(state, "to_local"):
         state = state.to_local()
     return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
-
-
-def _free_bytes(path: Path) -> int:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
 
 
 class CheckpointStore:
@@ -124,16 +118,14 @@ class CheckpointStore:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         trainer_state: dict,
-        extra_modules: dict[str, nn.Module] | None = None,
+        extras: Extras | None = None,
     ) -> Path:
         """Collective: every rank must call it. Returns the checkpoint dir; raises StorageError
         (on every rank) with the previous checkpoint untouched when storage refuses the write."""
         name = f"step_{step:07d}"
         final, tmp = self.root / name, self.root / f".{name}.tmp"
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        for key, module in (extra_modules or {}).items():
-            state[key] = module.state_dict()
+        state = {"model": model_sd, "optim": optim_sd, **_extra_states(extras)}
         try:
             self._agree(self._prepare, tmp, _local_bytes(state) * self.info.world_size)
             self._agree(self._write_shards, tmp, state)
@@ -159,8 +151,8 @@ class CheckpointStore:
             ValueError,
             CheckpointException,
         ) as exc:  # DCP wraps I/O errors
-            message = str(storage_error("writing checkpoint", args[0], _root_cause(exc)))
-            free = _free_bytes(self.root)
+            message = str(storage_error("writing checkpoint", args[0], root_os_error(exc)))
+            free = free_bytes(self.root)
             if free < FULL_BELOW_BYTES and "space" not in message:
                 message += f" (No space left on device: {free / 2**20:.1f} MiB free)"
         messages = [m for m in all_gather_objects(message, self.info) if m]
@@ -174,7 +166,7 @@ class CheckpointStore:
             raise StorageError(
                 f"checkpoint directory {self.root} vanished: {self.last_saved.name} is gone"
             )
-        free = _free_bytes(self.root)
+        free = free_bytes(self.root)
         if self.check_free_space and free < needed * FREE_SPACE_MARGIN:
             raise StorageError(
                 f"not enough space for a checkpoint in {self.root}: needs about "
@@ -235,18 +227,16 @@ class CheckpointStore:
         path: Path,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        extra_modules: dict[str, nn.Module] | None = None,
+        extras: Extras | None = None,
         restore_rng: bool = True,
     ) -> dict:
         """Loads a checkpoint into the (already parallelised) model/optimizer; returns trainer state."""
         model_sd, optim_sd = (
             get_state_dict(model, optimizer) if optimizer else (get_model_state_dict(model), None)
         )
-        state: dict[str, Any] = {"model": model_sd}
+        state: dict[str, Any] = {"model": model_sd, **_extra_states(extras)}
         if optim_sd is not None:
             state["optim"] = optim_sd
-        for key, module in (extra_modules or {}).items():
-            state[key] = module.state_dict()
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         if optimizer is not None:
             set_state_dict(
@@ -254,13 +244,33 @@ class CheckpointStore:
             )
         else:
             model.load_state_dict(state["model"])
-        for key, module in (extra_modules or {}).items():
-            module.load_state_dict(state[key])
+        for key, (module, extra_optimizer) in (extras or {}).items():
+            if extra_optimizer is None:
+                module.load_state_dict(state[key]["model"])
+            else:
+                set_state_dict(module, extra_optimizer, model_state_dict=state[key]["model"],
+                               optim_state_dict=state[key]["optim"])  # fmt: skip
         rng_file = path / f"rng_rank{self.info.rank}.pt"
         if restore_rng and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         self.last_saved = path
         return json.loads((path / STATE_FILE).read_text())
+
+
+Extras = dict[str, tuple[nn.Module, "torch.optim.Optimizer | None"]]
+
+
+def _extra_states(extras: Extras | None) -> dict[str, dict]:
+    """The state of every module saved beside the model (the critic's value head), with its
+    optimizer's when it has one."""
+    states = {}
+    for key, (module, optimizer) in (extras or {}).items():
+        if optimizer is None:
+            states[key] = {"model": module.state_dict()}
+        else:
+            module_sd, optim_sd = get_state_dict(module, optimizer)
+            states[key] = {"model": module_sd, "optim": optim_sd}
+    return states
 
 
 def _owner(path: Path, world_size: int) -> int:
@@ -272,20 +282,3 @@ def _owner(path: Path, world_size: int) -> int:
     if name.startswith("rng_rank"):
         return int(name.removeprefix("rng_rank").split(".")[0]) % world_size
     return 0
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The OSError inside a wrapped exception (DCP's CheckpointException), if there is one."""
-    seen = exc
-    for _ in range(8):
-        if isinstance(seen, OSError):
-            return seen
-        failures = getattr(seen, "failures", None)  # CheckpointException: {rank: (exc, trace)}
-        if isinstance(failures, dict) and failures:
-            first = next(iter(failures.values()))
-            seen = first[0] if isinstance(first, tuple) else first
-            continue
-        if seen.__cause__ is None and seen.__context__ is None:
-            break
-        seen = seen.__cause__ or seen.__context__
-    return exc

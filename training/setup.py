@@ -105,16 +105,26 @@ def build_training_model(
     return model
 
 
-def build_optimizer(model: nn.Module, train: TrainSection, device: torch.device):
-    """AdamW; weight decay on matrices only."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def build_optimizer(
+    model: nn.Module, train: TrainSection, device: torch.device, fused: bool | None = None
+):
+    """AdamW; weight decay on matrices only; the fused kernel on CUDA (`fused` overrides: the
+    planner traces the GPU's optimizer on fake CPU tensors). Sharded (DTensor) and replicated
+    parameters sit in separate groups: a fused or foreach kernel takes one kind at a time."""
+    groups = []
+    for sharded in (True, False):
+        kind = [p for p in model.parameters() if hasattr(p, "to_local") == sharded]
+        for decay in (True, False):
+            params = [p for p in kind if (p.ndim >= 2) == decay]
+            if params:
+                groups.append(
+                    {"params": params, "weight_decay": train.weight_decay if decay else 0.0}
+                )
     return torch.optim.AdamW(
-        groups, lr=train.lr, betas=tuple(train.betas), fused=device.type == "cuda"
+        groups,
+        lr=train.lr,
+        betas=tuple(train.betas),
+        fused=device.type == "cuda" if fused is None else fused,
     )
 
 
@@ -139,6 +149,8 @@ def build_loader(
         pack=data.pack,
         seed=seed,
         pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+        layout_ids=tokenizer.layout_ids(),
     )
     return TrainLoader(split, config, info.rank, info.world_size, reference_ce)
 
