@@ -11,6 +11,9 @@ on a GPU, peak RSS on the CPU. Variants:
                   segment ids (block-causal mask, positions restarting per sample)
 --target-share S leaves targets on the last S of each row only (instruction tuning: the prompt
 has none); the sequential loss projects to the vocabulary only where there are targets.
+FLOPs of one step are counted with torch's FlopCounterMode (matmuls and attention);
+`--peak-tflops` (e.g. 790 for an H200's measured bf16 peak) turns them into MFU.
+`--profile-dir D` writes a torch.profiler table of the top kernels of one step per variant.
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up
+    flops = step_flops(step)
+    if a.profile_dir:
+        profile_step(step, variant, a.profile_dir, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -100,6 +106,7 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
+    achieved = flops / seconds / 1e12
     return {
         "variant": variant,
         "device": device.type,
@@ -107,7 +114,37 @@ def run_variant(variant: str, a: argparse.Namespace) -> dict:
         "tokens_per_s": round(a.batch * a.seq / seconds),
         "step_s": round(seconds, 3),
         "peak_mib": round(peak / 2**20),
+        "tflop_per_step": round(flops / 1e12, 3),
+        "achieved_tflops": round(achieved, 1),
+        "mfu": round(achieved / a.peak_tflops, 3) if a.peak_tflops else None,
     }
+
+
+def step_flops(step) -> int:
+    """FLOPs of one call of `step` (forward and backward), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def profile_step(step, variant: str, out_dir: str, device: torch.device) -> None:
+    """Writes the top kernels of one step (by device time) to `out_dir/profile-<variant>.txt`."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, f"profile-{variant}.txt").write_text(table + "\n")
 
 
 def main() -> None:
@@ -123,6 +160,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
     parser.add_argument("--segments", type=int, default=4, help="samples per row (mtp-isolated)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU")
+    parser.add_argument("--profile-dir", help="write a profiler table per variant here")
     parser.add_argument(
         "--target-share",
         type=float,
@@ -147,7 +186,14 @@ def main() -> None:
         "cpu": cpu_capability(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    print(json.dumps({"config": vars(a), "machine": machine, "results": rows}, indent=2))
+    ratio = _ratio(rows, "mtp-sequential", "ntp-naive")
+    print(json.dumps({"config": vars(a), "machine": machine, "results": rows,
+                      "mtp_over_ntp_step": ratio}, indent=2))  # fmt: skip
+
+
+def _ratio(rows: list[dict], a: str, b: str) -> float | None:
+    by = {r["variant"]: r["step_s"] for r in rows}
+    return round(by[a] / by[b], 3) if a in by and b in by and by[b] else None
 
 
 if __name__ == "__main__":
