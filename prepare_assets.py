@@ -66,6 +66,9 @@ def run_step(step, ctx: Context, force: bool) -> int:
         for problem in problems[:10]:
             print(f"    because: {problem}")
         return 0
+    if problems:  # why the step runs (a broken cached asset is named here)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        print(f"[step {step.number}] to do: {problems[0]}{more}", flush=True)
     try:
         step.run(ctx)
     except (

@@ -1,7 +1,6 @@
-"""Micro models for CPU work: a code tokenizer (8000 pieces by default) and two small models sharing it.
-
-micro-mtp: MTP LLaMA with `MicroConfig` sizes and 4 heads; micro-ref: a next-token model of the
-same width. Both fp16. Initialisation:
+"""Micro models for CPU work: the shapes and initial weights of micro-mtp (an MTP LLaMA with
+`MicroConfig` sizes and 4 heads) before step 5 pretrains it (`assets/micro_base.py`); micro-ref is
+its next-token part (the trunk and head 0). Initialisation:
   * from the base model when its safetensors are present — every matrix is the top-left
     [:out, :in] slice of the corresponding base matrix (micro trunk block i ← base trunk block i,
     micro head k ← base head k; micro-ref's blocks ← base trunk blocks), norms sliced to
@@ -12,48 +11,21 @@ same width. Both fp16. Initialisation:
 
 from __future__ import annotations
 
-import json
-import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from model.args import ModelArgs
-from model.tokenizer import Tokenizer, train_tokenizer
+from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from model.weights import load_model_dir
 from runtime.config import MicroConfig
 
 
-def training_code(roots: list[Path], max_bytes: int) -> Iterator[str]:
-    """Responses of processed train splits under `roots`, then stdlib sources, up to max_bytes."""
-    used = 0
-    for root in roots:
-        for split in sorted(root.glob("**/processed/train.jsonl")):
-            for line in split.read_text().splitlines():
-                text = json.loads(line)["response"]
-                used += len(text)
-                yield text
-                if used >= max_bytes:
-                    return
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("**/*.py")):
-        if "test" in path.parts or "site-packages" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        used += len(text)
-        yield text
-        if used >= max_bytes:
-            return
-
-
 def micro_args(cfg: MicroConfig, reference: bool) -> ModelArgs:
     return ModelArgs(
         dim=cfg.dim,
-        n_layers=cfg.ref_n_layers if reference else cfg.n_layers,
+        n_layers=cfg.n_layers - cfg.n_future_tokens + 1 if reference else cfg.n_layers,
         n_heads=cfg.n_heads,
         n_kv_heads=cfg.n_kv_heads,
         vocab_size=cfg.vocab_size,
@@ -140,7 +112,3 @@ def build_micro_model(
             init = f"sliced from {base_dir} (see assets/micro.py)"
     state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     return args, state, init
-
-
-def train_micro_tokenizer(corpus: Iterator[str], out_dir: Path, vocab_size: int) -> Path:
-    return train_tokenizer(corpus, out_dir / "tokenizer", vocab_size=vocab_size)

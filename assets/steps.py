@@ -16,7 +16,15 @@ from pathlib import Path
 import yaml
 
 from assets.layout import DATASETS, MODELS, OLD_LAYOUTS, Layout
-from assets.micro import build_micro_model, train_micro_tokenizer, training_code
+from assets.micro_base import (
+    Corpus,
+    SlicedInit,
+    cached_problems,
+    gather_corpus,
+    install,
+    pretrain,
+    recorded_leak_sources,
+)
 from assets.sources import Fetcher, RemoteFile, hub_list, lock_is_active
 from data.prepare import prepare
 from data.process import ProcessConfig
@@ -51,11 +59,16 @@ class Context:
 
 
 # --------------------------------------------------------------- helpers
-def quick_verify(directory: Path, full: bool = False) -> list[str]:
-    """SHA256SUMS check; re-hashes only files whose size/mtime changed since the last full hash."""
+def quick_verify(directory: Path, full: bool = False, log=print) -> list[str]:
+    """SHA256SUMS check; re-hashes only files whose size/mtime changed since the last full hash.
+    A stamp that cannot be read is said in one line (then every file is re-hashed)."""
     if not (directory / SUMS_FILE).is_file():
         return [f"{directory}: no {SUMS_FILE}"]
-    stamp = {} if full else read_stamp(directory / STAMP)
+    stamp, why = read_stamp(directory / STAMP)
+    if why:  # said even when every file is re-hashed anyway: the stamp is rewritten below
+        log(f"  {directory / STAMP} is unreadable ({why}): re-hashing every file")
+    if full:
+        stamp = {}
     try:
         listed = read_sha256sums(directory)
     except ChecksumError as exc:  # a malformed manifest is a problem to report, like a bad file
@@ -80,13 +93,18 @@ def quick_verify(directory: Path, full: bool = False) -> list[str]:
     return problems
 
 
-def read_stamp(path: Path) -> dict:
-    """The quick-verify stamp {file: [size, mtime]}; a missing or corrupt one means re-hash all."""
+def read_stamp(path: Path) -> tuple[dict, str]:
+    """The quick-verify stamp {file: [size, mtime]} and, when it exists but cannot be used, why
+    (a missing stamp just means: hash everything)."""
+    if not path.exists():
+        return {}, ""
     try:
         stamp = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return stamp if isinstance(stamp, dict) else {}
+    except (OSError, ValueError) as exc:
+        return {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    if not isinstance(stamp, dict):
+        return {}, f"a JSON {type(stamp).__name__}, not an object"
+    return stamp, ""
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -373,64 +391,53 @@ class ReferenceConvertStep(Step):
 class MicroStep(Step):
     number, title = (
         5,
-        "micro models (micro-mtp, micro-ref) with a code tokenizer of assets.micro.vocab_size pieces",
+        "micro models: micro-mtp pretrained on Python source, micro-ref its next-token part",
     )
 
+    def _sliced(self, ctx: Context) -> SlicedInit | None:
+        weights = ctx.layout.model(META, "safetensors")
+        tokenizer = ctx.layout.model(META, "tokenizer") / "tokenizer.model"
+        present = (weights / SUMS_FILE).is_file() and tokenizer.is_file()
+        return SlicedInit(weights, tokenizer) if present else None
+
+    def _corpus(self, ctx: Context, as_built: dict[str, bool] | None = None) -> Corpus:
+        """The corpus from the evaluation sets on disk now, or (`as_built`, for the check) from
+        those the installed base was filtered against: MBPP arrives in step 7, after this step,
+        and must not make a base built before it look stale."""
+        paths = {"mbpp": ctx.layout.dataset("mbpp", "raw") / "mbpp.jsonl",
+                 "tasks": ctx.layout.small / "tasks" / "raw" / "tasks.jsonl"}  # fmt: skip
+        use = {
+            name: path if path.is_file() and (as_built is None or as_built.get(name)) else None
+            for name, path in paths.items()
+        }
+        return gather_corpus(ctx.config.assets.micro, use["mbpp"], use["tasks"], self._sliced(ctx))
+
     def check(self, ctx: Context) -> list[str]:
+        root = ctx.layout.root / "models_v2"
         problems = []
         for name in (MICRO_MTP, MICRO_REF):
-            root = ctx.layout.model(name)
-            problems += quick_verify(root / "safetensors", ctx.full_verify)
-            if not (root / "tokenizer" / "tokenizer.model").is_file():
-                problems.append(f"{root / 'tokenizer' / 'tokenizer.model'} missing")
-            size = sum(p.stat().st_size for p in (root / "safetensors").glob("*.safetensors"))
+            if (root / name / "safetensors" / SUMS_FILE).is_file():
+                problems += quick_verify(root / name / "safetensors", ctx.full_verify, ctx.log)
+            size = sum(
+                p.stat().st_size for p in (root / name / "safetensors").glob("*.safetensors")
+            )
             if size >= 50 * 2**20:
                 problems.append(f"{name} weighs {size / 2**20:.1f} MiB (limit 50)")
-        return problems
+        as_built = recorded_leak_sources(root)
+        return problems or cached_problems(root, self._corpus(ctx, as_built).key)
 
     def run(self, ctx: Context) -> None:
-        cfg = ctx.config.assets.micro
-        tok_dir = ctx.layout.model(MICRO_MTP, "tokenizer")
-        corpus = training_code(
-            [ctx.layout.root / "datasets_v2", ctx.layout.small], int(cfg.max_corpus_mb * 2**20)
+        root = ctx.layout.root / "models_v2"
+        corpus = self._corpus(ctx)
+        for name, labels in sorted(corpus.dropped.items()):
+            ctx.log(f"  left out {name}: it contains {labels[0]}")
+        facts = pretrain(corpus, ctx.config, root, ctx.log, self._sliced(ctx))
+        install(facts, root, write_json)
+        ce = ", ".join(f"{c:.3f}" for c in facts["held_out_ce_per_head"])
+        ctx.log(
+            f"  micro-mtp pretrained on {facts['tokens_seen']:,} tokens in {facts['steps']} "
+            f"steps; held-out CE per head {ce}"
         )
-        tok_path = train_micro_tokenizer(corpus, tok_dir, cfg.vocab_size)
-        tok_path.replace(tok_dir / "tokenizer.model")
-        tok_path.with_suffix(".vocab").unlink(missing_ok=True)
-        tok = Tokenizer(tok_dir / "tokenizer.model")
-        base_dir = ctx.layout.model(META, "safetensors")
-        base_tok_path = ctx.layout.model(META, "tokenizer") / "tokenizer.model"
-        have_base = (base_dir / SUMS_FILE).is_file() and base_tok_path.is_file()
-        base_tok = Tokenizer(base_tok_path) if have_base else None
-        for name, reference in ((MICRO_MTP, False), (MICRO_REF, True)):
-            root = ctx.layout.model(name)
-            args, state, init = build_micro_model(
-                cfg, tok, reference, base_dir if have_base else None, base_tok
-            )
-            save_model_dir(
-                root / "safetensors",
-                args,
-                state,
-                extra_files={"tokenizer.model": tok_dir / "tokenizer.model"},
-            )
-            if name == MICRO_REF:
-                copy_file(tok_dir / "tokenizer.model", root / "tokenizer" / "tokenizer.model")
-            write_json(root / "configs" / "params.json", args.to_dict())
-            write_json(root / "tokenizer" / "tokenizer_config.json", tokenizer_config(tok))
-            write_json(
-                root / "metadata.json",
-                {
-                    "dtype": "float16",
-                    "init": init,
-                    "params": args.to_dict(),
-                    "n_params": sum(t.numel() for t in state.values()),
-                    "tokenizer_shared_with": MICRO_MTP,
-                    "created": now(),
-                },
-            )
-            ctx.log(
-                f"  {name}: {sum(t.numel() for t in state.values()) / 1e6:.1f} M params, init {init}"
-            )
 
 
 class DatasetStep(Step):
@@ -535,7 +542,7 @@ class IntegrityStep(Step):
             for part in ("raw", "safetensors"):
                 d = ctx.layout.model(name, part)
                 if (d / SUMS_FILE).is_file():
-                    problems += quick_verify(d, full=True)
+                    problems += quick_verify(d, full=True, log=ctx.log)
             meta = ctx.layout.model(name) / "metadata.json"
             st = ctx.layout.model(name, "safetensors")
             if meta.is_file() and (st / "model.safetensors.index.json").is_file():
@@ -547,7 +554,7 @@ class IntegrityStep(Step):
         for name in DATASETS:
             root = ctx.layout.dataset(name)
             if (root / "raw" / SUMS_FILE).is_file():
-                problems += quick_verify(root / "raw", full=True)
+                problems += quick_verify(root / "raw", full=True, log=ctx.log)
             if (root / "processed").is_dir() and any((root / "processed").iterdir()):
                 problems += validate(root, mbpp=mbpp if mbpp.is_file() else None, humaneval=True)
         return problems

@@ -30,14 +30,18 @@ VARIANTS = {
     "rho1-soft": {"algo": "rho1-wmtp", "reference_source": "online"},
     "rho1-select": {"algo": "rho1-wmtp", "rho1": {"mode": "select", "select_ratio": 0.6}},
     "rho1-precomputed": {"algo": "rho1-wmtp", "reference_source": "precomputed"},
-    "critic": {"algo": "critic-wmtp", "critic": {"stage1_steps": 4, "value_lr": 0.01}},
+    # a random micro model's value head explains nothing: time its TD-error weights anyway
+    "critic": {
+        "algo": "critic-wmtp",
+        "critic": {"stage1_steps": 4, "value_lr": 0.01, "min_explained_variance": -1e3},
+    },
     "dft": {"algo": "dft"},
 }
 
 
 def build_assets(work: Path) -> dict[str, Path]:
     """Tasks, tokenizer and two random micro models, made once and reused."""
-    from assets.micro import training_code
+    from assets.pretrain import corpus_files, default_corpus_dirs
     from data.prepare import prepare
     from data.process import ProcessConfig
     from launch.synthetic_tasks import write_tasks
@@ -55,7 +59,7 @@ def build_assets(work: Path) -> dict[str, Path]:
     if all(p.exists() for p in paths.values()):
         return paths
     write_tasks(work / "tasks" / "raw" / "tasks.jsonl", variants=2)
-    corpus = training_code([], 2 * 2**20)
+    corpus = (f.text for f in corpus_files(default_corpus_dirs(), 2 * 2**20))
     tokenizer = train_tokenizer(corpus, work / "tokenizer" / "code", vocab_size=2000)
     prepare(
         "tasks",

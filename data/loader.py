@@ -28,6 +28,9 @@ from data.tokenized import TokenizedSplit
 IGNORE_INDEX = -100
 
 
+TOKEN_CLASSES = ("other", "eos", "layout", "first")  # of a target token (`Batch.target_class`)
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     seq_len: int = 2048
@@ -36,6 +39,8 @@ class LoaderConfig:
     pack: bool = True
     seed: int = 42
     pad_id: int = 0
+    eos_id: int = 2
+    layout_ids: frozenset[int] = frozenset()  # newline / indentation pieces
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "n_heads"):
@@ -58,6 +63,7 @@ class Batch:
     n_targets: tuple[int, ...] = ()
     n_tokens: int = 0
     ref_ce: torch.Tensor | None = None  # (B, L) float32: reference CE of token t+1, NaN if none
+    target_class: torch.Tensor | None = None  # (B, L, H) uint8: index into TOKEN_CLASSES
 
     def __post_init__(self) -> None:
         if not self.targets:  # a batch built by hand: find the targets from its labels
@@ -84,6 +90,7 @@ class Batch:
             self.n_targets,
             self.n_tokens,
             self.ref_ce.to(device) if self.ref_ce is not None else None,
+            self.target_class.to(device) if self.target_class is not None else None,
         )
 
 
@@ -91,6 +98,20 @@ def micro_batches(rows: int, micro_batch: int) -> list[int]:
     """Sizes of the micro-batches that make up one step of `rows` rows."""
     full, rest = divmod(rows, micro_batch)
     return [micro_batch] * full + ([rest] if rest else [])
+
+
+def token_classes(
+    sample: np.ndarray, prompt_len: int, eos_id: int, layout_ids: frozenset[int]
+) -> np.ndarray:
+    """(len,) uint8 class of every token (TOKEN_CLASSES): the response's first token, eos, a
+    layout piece (newline, indentation), or other."""
+    classes = np.zeros(len(sample), dtype=np.uint8)
+    if layout_ids:
+        classes[np.isin(sample, np.fromiter(layout_ids, np.int64))] = 2
+    classes[sample == eos_id] = 1
+    if prompt_len < len(sample):
+        classes[prompt_len] = 3
+    return classes
 
 
 def head_labels(sample: np.ndarray, prompt_len: int, n_heads: int) -> np.ndarray:
@@ -193,6 +214,7 @@ class TrainLoader:
         segments = np.full((len(rows), width), -1, dtype=np.int64)
         correct = np.zeros((len(rows), width), dtype=bool)
         ref_ce = np.full((len(rows), width), np.nan, np.float32) if self.reference_ce else None
+        classes = np.zeros((len(rows), width + cfg.n_heads), dtype=np.uint8)  # per token
         for b, row in enumerate(rows):
             pos = 0
             for seg, index in enumerate(row):
@@ -204,11 +226,17 @@ class TrainLoader:
                 )
                 segments[b, pos:end] = seg
                 correct[b, pos:end] = self.data.is_correct[index]
+                classes[b, pos:end] = token_classes(
+                    sample, int(self.data.prompt_lens[index]), cfg.eos_id, cfg.layout_ids
+                )
                 if ref_ce is not None:
                     values = self.reference_ce.values(self.data.sample_ids[index])
                     values = values[: len(sample) - 1]
                     ref_ce[b, pos : pos + len(values)] = values
                 pos = end
+        # head k at position t targets token t+k+1: its class is that token's (0 without target)
+        target_class = np.stack([classes[:, k + 1 : k + 1 + width] for k in range(cfg.n_heads)], -1)
+        target_class[labels == IGNORE_INDEX] = 0
         flat = labels.reshape(-1, cfg.n_heads)
         targets = tuple(
             torch.from_numpy(np.flatnonzero(flat[:, k] != IGNORE_INDEX)) for k in range(cfg.n_heads)
@@ -223,6 +251,7 @@ class TrainLoader:
             tuple(len(t) for t in targets),
             int((segments >= 0).sum()),
             torch.from_numpy(ref_ce) if ref_ce is not None else None,
+            torch.from_numpy(np.ascontiguousarray(target_class)),
         )
 
     def next_batch(self, batch_size: int | None = None) -> Batch:

@@ -34,7 +34,7 @@ SCHEMA = {
                 "task_id": {"type": "string"},
                 "source": {
                     "type": "string",
-                    "enum": ["codecontests", "mbpp", "humaneval", "synthetic"],
+                    "enum": ["codecontests", "mbpp", "humaneval", "synthetic", "python-stdlib"],
                 },
                 "is_correct": {"type": "boolean"},
                 "has_tests": {"type": "boolean"},

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.health import arm_facts, assess, verdict_override
 from evaluation.metrics import pass_at_k
 from runtime.cli import ArgumentParser, entry_point, positive_ints
 from runtime.errors import InputError
@@ -194,6 +195,8 @@ def compare(
         "training": {},
         "decoding": {},
     }
+    health = assess({name: arm_facts(dirs) for name, dirs in experiments.items()}, baseline)
+    result["health"] = {name: h.as_dict() | {"line": h.line(name)} for name, h in health.items()}
     for name in experiments:
         result["experiments"][name] = {}
         result["training"][name] = training_facts(experiments[name])
@@ -212,9 +215,12 @@ def compare(
                 base = per_problem_pass_at_k(samples[baseline][bench], k)
                 delta, n_common = paired_difference(values, base, n_resamples, rng)
                 significant = delta.p_value < alpha and not delta.ci_low <= 0 <= delta.ci_high
+                inconclusive = verdict_override(name, baseline, health)
                 entry["delta_vs_baseline"] = delta.as_dict() | {
                     "n_problems": n_common,
-                    "significant": significant,
+                    "significant": significant and inconclusive is None,
+                    "verdict": inconclusive
+                    or ("significant" if significant else "not significant: could be noise"),
                 }
             result["experiments"][name][bench] = entry
     return result
@@ -227,7 +233,7 @@ def result_cells(entry: dict, k: int) -> str:
         return f"{passed} | – | – | baseline"
     d = entry["delta_vs_baseline"]
     delta = Interval(d["mean"], d["ci_low"], d["ci_high"], d["p_value"])
-    verdict = "**significant**" if d["significant"] else "not significant: could be noise"
+    verdict = "**significant**" if d["significant"] else d["verdict"]
     return f"{passed} | {delta.text()} | {delta.p_value:.3g} | {verdict}"
 
 
@@ -241,6 +247,7 @@ def markdown(result: dict) -> str:
         f"permutation test (significant: p < {alpha} and the interval excludes 0).",
         "",
     ]
+    lines += ["## Health", "", *[f"- {h['line']}" for h in result["health"].values()], ""]
     for bench in result["benchmarks"]:
         lines += [
             f"## {bench}",

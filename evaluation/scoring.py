@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -96,7 +97,7 @@ def evaluate_problems(
     with decoding, executing, ThreadPoolExecutor(max_workers=workers) as pool:
         for index, problem in enumerate(problems):
             if use_reference:
-                completions = [(problem.reference, 0)] * n_samples
+                completions = [(problem.reference, 0, True)] * n_samples
             else:
                 prompt = [tokenizer.bos_id, *tokenizer.encode(problem.prompt)]
                 gens = generate(
@@ -124,16 +125,16 @@ def evaluate_problems(
                     plain["seconds"] += baseline[0].seconds
                     plain["spec_tokens"] += tokens
                     plain["spec_seconds"] += gens[0].seconds
-                completions = [(g.text, len(g.tokens)) for g in gens]
-            for sample, (text, n_tokens) in enumerate(completions):
+                completions = [(g.text, len(g.tokens), g.stopped) for g in gens]
+            for sample, (text, n_tokens, stopped) in enumerate(completions):
                 future: Future = pool.submit(
                     check_completion, problem, text, sandbox, contest_compare
                 )
                 future.add_done_callback(lambda _: executing.update())
-                futures.append((problem, sample, text, n_tokens, future))
+                futures.append((problem, sample, text, n_tokens, stopped, future))
             rate = f"{gen_tokens / gen_seconds:.0f} tokens/s" if gen_seconds else ""
             decoding.update(extra=rate)
-        for problem, sample, text, n_tokens, future in futures:
+        for problem, sample, text, n_tokens, stopped, future in futures:
             verdict = future.result()
             rows.append(
                 {
@@ -142,6 +143,8 @@ def evaluate_problems(
                     "sample": sample,
                     "completion": text,
                     "n_tokens": n_tokens,
+                    "stopped": stopped,  # by EOS or a stop sequence, not the token budget
+                    "parses": parses(problem.completion_prefix + text),
                     **asdict(verdict),
                 }
             )
@@ -159,17 +162,32 @@ def evaluate_problems(
     return rows, stats
 
 
+def parses(program: str) -> bool:
+    """Whether a completion is valid Python syntax (parsed, never run)."""
+    try:
+        ast.parse(program)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
 def summarize(rows: list[dict], ks: list[int], stats: dict) -> dict:
+    """pass@k and the facts that explain it: how samples ended (stopped by themselves or at the
+    token budget), how many timed out, how many are valid Python."""
     per_task: dict[str, list[bool]] = {}
     for row in sorted(rows, key=lambda r: (r["task_id"], r["sample"])):
         per_task.setdefault(row["task_id"], []).append(row["passed"])
     pass_k = mean_pass_at_k(per_task, ks)
+    n = max(len(rows), 1)
     summary = {
         "n_problems": len(per_task),
         "n_samples": len(rows),
         "pass@k": {f"pass@{k}": v for k, v in pass_k.items()},
         "first_sample_pass_rate": sum(r[0] for r in per_task.values()) / max(len(per_task), 1),
         "statuses": dict(Counter(r["status"] for r in rows)),
+        "stopped_share": sum(bool(r.get("stopped")) for r in rows) / n,
+        "timeout_share": sum(r["status"] == "timeout" for r in rows) / n,
+        "parse_share": sum(bool(r.get("parses")) for r in rows) / n,
         **stats,
     }
     return summary

@@ -1,11 +1,14 @@
-"""reports/demo-summary.md: pass@1 with intervals and paired tests (from `evaluation.compare`),
-the runs side by side, the plan against the stage times, charts and a token-weight heatmap."""
+"""reports/demo-summary.md: each arm's health first, then pass@1 with intervals and paired tests
+(from `evaluation.compare`), what explains a difference (how samples end, timeouts, valid
+Python, which tokens an arm emphasised), the base and how the regime maps to the 7B recipe, the
+runs side by side, the plan against the stage times, charts and a token-weight heatmap."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import statistics
+from dataclasses import asdict
 from html import escape
 from pathlib import Path
 
@@ -39,6 +42,35 @@ def _history(run: Path) -> list[dict]:
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def behaviour_facts(runs: list[Path]) -> dict[str, float | None]:
+    """What explains a difference, averaged over seeds: how the test samples ended, and the
+    mean token weight of each kind of target over the whole fine-tuning."""
+    summaries = [_read(run / "eval" / "summary.json").get("tasks", {}) for run in runs]
+    stopped = _mean([s.get("stopped_share") for s in summaries])
+    facts = {
+        "stopped by themselves (EOS / stop)": stopped,
+        "ran to max_new_tokens": 1 - stopped if stopped is not None else None,
+        "timed out": _mean([s.get("timeout_share") for s in summaries]),
+        "valid Python": _mean([s.get("parse_share") for s in summaries]),
+    }
+    histories = [_history(run) for run in runs]
+    for kind, label in WEIGHT_KINDS.items():
+        key = f"weight_mean_{kind}"
+        facts[label] = _mean(
+            [statistics.fmean(h[key] for h in steps if key in h) for steps in histories
+             if any(key in h for h in steps)]
+        )  # fmt: skip
+    return facts
+
+
+WEIGHT_KINDS = {
+    "eos": "mean weight: EOS (ends the program)",
+    "first": "mean weight: first response token",
+    "layout": "mean weight: newline / indentation",
+    "other": "mean weight: every other token",
+}
 
 
 def run_facts(runs: list[Path]) -> dict[str, float | None]:
@@ -122,7 +154,7 @@ def result_lines(comparison: dict, bench: str, plan: Plan) -> list[str]:
     first = next(iter(rows.values()))[bench]
     lines = [
         f"{first['n_problems']} problems × {first['samples_per_problem']} samples "
-        f"({plan.seeds} seed(s) pooled), T=0.2, top-p 0.95.",
+        f"({plan.seeds} seed(s) pooled), T={plan.shape.temperature}, top-p {plan.shape.top_p}.",
         "",
         f"| algorithm | pass@1 [95% CI] | Δ vs {base} [95% CI] | p (paired) | verdict |",
         "| --- | --- | --- | ---: | --- |",
@@ -135,10 +167,14 @@ def result_lines(comparison: dict, bench: str, plan: Plan) -> list[str]:
     return lines
 
 
-def facts_table(algos: list[str], columns: dict[str, dict]) -> list[str]:
-    """The run facts, then every labelled fact an algorithm has, in FACT_LABELS' order."""
+def facts_table(
+    algos: list[str], columns: dict[str, dict], keys: list[str] | None = None
+) -> list[str]:
+    """`keys` (default: the run facts, then every labelled fact an algorithm has, in
+    FACT_LABELS' order) as rows, one column per algorithm."""
     present = {k for facts in columns.values() for k in facts}
-    keys = [k for k in run_facts([]) if k in present] + [k for k in FACT_LABELS if k in present]
+    if keys is None:
+        keys = [k for k in run_facts([]) if k in present] + [k for k in FACT_LABELS if k in present]
     lines = ["| | " + " | ".join(algos) + " |", "| --- |" + " ---: |" * len(algos)]
     for key in keys:
         cells = [_number(columns[a].get(key)) for a in algos]
@@ -150,12 +186,13 @@ def write_charts(reports: Path, runs: dict[str, Path]) -> None:
     histories = {algo: _history(run) for algo, run in runs.items()}
     curves = {a: [(h["step"], h["ce_head0"]) for h in steps] for a, steps in histories.items()}
     atomic_write_text(
-        reports / "demo-loss.svg", line_chart_svg(curves, "training CE of head 0 (unweighted)")
+        reports / "demo-loss.svg",
+        line_chart_svg(curves, "training CE of head 0 (unweighted)", "cross-entropy (nats)"),
     )
     weighted = {a: [(h["step"], h["loss"]) for h in steps] for a, steps in histories.items()}
     atomic_write_text(
         reports / "demo-weighted-loss.svg",
-        line_chart_svg(weighted, "training loss (weighted, 4 heads)"),
+        line_chart_svg(weighted, "training loss (weighted, 4 heads)", "weighted loss"),
     )
     for algo, run in runs.items():
         found = _latest(run / "reports", "*_weights.svg")
@@ -164,12 +201,34 @@ def write_charts(reports: Path, runs: dict[str, Path]) -> None:
     atomic_write_text(reports / "demo-token-weights.html", heatmap_html(runs))
 
 
+def base_lines(base: dict, plan: Plan, pretrain_lr: float, finetune_lr: float) -> list[str]:
+    ce = ", ".join(f"head {k} {c:.3f}" for k, c in enumerate(base["held_out_ce_per_head"]))
+    dropped = base.get("corpus_dropped_for_leakage") or []
+    return [
+        "## The pretrained base",
+        "",
+        f"micro-mtp ({plan.size}) pretrained with the MTP loss on {base['corpus_files']} Python "
+        f"files of the standard library (corpus {base['corpus_sha256'][:16]}; "
+        f"{len(dropped)} left out for containing an evaluation text): "
+        f"{base['tokens_seen']:,} tokens in {base['steps']} steps "
+        f"({duration(base['train_seconds'])} of training"
+        f"{', reused from the cache' if plan.base_cached else ''}). Held-out CE: {ce}. micro-ref "
+        "is its next-token part, fine-tuned on the correct training solutions (the Rho-1 "
+        "reference step).",
+        "",
+        plan.regime(pretrain_lr, finetune_lr),
+        "",
+    ]
+
+
 def write_summary(
     out: Path,
     algos: list[str],
     comparison: dict,
     plan: Plan,
     calibration: Calibration,
+    base: dict,
+    finetune_lr: float,
     stage_times: dict[str, float],
     seconds: float,
 ) -> Path:
@@ -178,22 +237,39 @@ def write_summary(
     runs = {algo: sorted((out / "runs" / algo).glob("seed*")) for algo in algos}
     write_charts(reports, {algo: seeds[0] for algo, seeds in runs.items()})
     columns = {algo: comparison["training"].get(algo, {}) | run_facts(runs[algo]) for algo in algos}
+    behaviour = {algo: behaviour_facts(runs[algo]) for algo in algos}
+    health = comparison["health"]
     lines = [
-        "# WMTP demo: baseline vs rho1-wmtp vs critic-wmtp",
+        f"# WMTP demo: {' vs '.join(algos)}",
         "",
-        f"Micro models ({plan.size}) trained on one CPU — {cpu_model_name()}, compute dtype "
+        f"Micro models ({plan.size}) on one CPU — {cpu_model_name()}, compute dtype "
         f"{calibration.dtype} ({calibration.dtype_reason}) — nothing downloaded; "
         f"{seconds / 60:.1f} minutes end to end (budget {plan.budget_s / 60:.0f}).",
+        "",
+        "## Did every arm train?",
+        "",
+        *[f"- {health[a]['line']}" for a in algos],
+        "",
+        "An arm that did not train makes its verdict *inconclusive*, whatever its p-value.",
         "",
         "## Synthetic tasks (held-out test split)",
         "",
         *result_lines(comparison, "tasks", plan),
         "",
         "A difference is called significant when the paired sign-flip permutation test over "
-        "problems gives p < 0.05 and the bootstrap interval excludes 0; otherwise the runs "
-        "cannot be told apart at this size. Full table: [comparison.md](comparison.md), "
-        "[comparison.json](comparison.json), chart: ![pass@1](comparison.svg)",
+        "problems gives p < 0.05, the bootstrap interval excludes 0 and both arms trained; "
+        "otherwise the runs cannot be told apart at this size. Full table: "
+        "[comparison.md](comparison.md), [comparison.json](comparison.json), chart: "
+        "![pass@1](comparison.svg)",
         "",
+        "## What explains a difference",
+        "",
+        "How each arm's test samples ended and which kinds of token its weights emphasised "
+        "during fine-tuning (mean weight over every step; 1 = the baseline's).",
+        "",
+        *facts_table(algos, behaviour, keys=list(next(iter(behaviour.values())))),
+        "",
+        *base_lines(base, plan, base["lr"], finetune_lr),
     ]
     if "humaneval" in comparison["benchmarks"]:
         lines += ["## HumanEval (floor)", "", *result_lines(comparison, "humaneval", plan)]
@@ -202,9 +278,10 @@ def write_summary(
         "## Training and decoding",
         "",
         "Validation CE per head and weight statistics at the last evaluation; speculative "
-        f"decoding (lossless sampling, T=0.2) on {plan.spec_baseline_problems} test tasks: how "
-        "often each head's draft was accepted, tokens per forward and its speed against plain "
-        "decoding of the same prompts; averaged over seeds.",
+        f"decoding (lossless sampling, T={plan.shape.temperature}) on "
+        f"{plan.speculative_problems} test tasks: how often each head's draft was accepted, "
+        "tokens per forward and its speed against plain decoding of the same prompts; averaged "
+        "over seeds.",
         "",
         *facts_table(algos, columns),
         "",
@@ -225,7 +302,7 @@ def write_summary(
         "",
         plan.describe() + ".",
         "",
-        *[f"- {w}" for w in plan.warnings],
+        *[f"- {w}" for w in plan.notes],
         "",
         "| stage | planned | took |",
         "| --- | ---: | ---: |",
@@ -241,12 +318,7 @@ def write_summary(
     ]
     path = reports / "demo-summary.md"
     atomic_write_text(path, "\n".join(lines))
-    atomic_write_text(
-        reports / "demo-plan.json",
-        json.dumps(
-            {"plan": plan.as_dict(), "calibration": calibration.__dict__, "stages": stage_times},
-            indent=2,
-        )
-        + "\n",
-    )
+    record = {"plan": plan.as_dict(), "calibration": asdict(calibration), "stages": stage_times,
+              "base": base}  # fmt: skip
+    atomic_write_text(reports / "demo-plan.json", json.dumps(record, indent=2, default=str) + "\n")
     return path

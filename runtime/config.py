@@ -104,7 +104,8 @@ class DatasetAssetConfig:
 
 @dataclass
 class MicroConfig:
-    """The CPU-sized models of step 5 (Meta's layer counting: n_layers includes the heads)."""
+    """The CPU-sized models of step 5 (Meta's layer counting: n_layers includes the heads), and
+    their pretraining on Python source (`assets/pretrain.py`)."""
 
     dim: int = 512
     n_layers: int = 5
@@ -112,10 +113,15 @@ class MicroConfig:
     n_kv_heads: int = 4
     multiple_of: int = 128
     n_future_tokens: int = 4
-    ref_n_layers: int = 2
     vocab_size: int = 8000
     seed: int = 42
     max_corpus_mb: float = 20.0
+    corpus_dirs: list[str] = field(default_factory=list)  # default: the interpreter's stdlib
+    holdout_fraction: float = 0.03  # of the corpus files, held out for the base's CE
+    pretrain_tokens: int = 2_000_000  # tokens the base sees (rows × seq_len × steps)
+    pretrain_lr: float = 3e-3
+    pretrain_seq_len: int = 512
+    pretrain_micro_batch: int = 8
 
 
 def _meta_asset() -> ModelAssetConfig:

@@ -1,122 +1,91 @@
-"""Tiny dependency-free SVG charts for reports (histograms, line charts)."""
+"""Charts for reports, drawn with matplotlib (installed with MLflow) and returned as SVG text:
+every axis labelled, losses on a log scale, nothing cut at the edges (tight bounding box).
+matplotlib is imported on first use, with the non-interactive Agg backend."""
 
 from __future__ import annotations
 
-from html import escape
+import io
+import os
+import tempfile
 
-_W, _H, _PAD = 480, 240, 36
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
-def _frame(title: str, body: list[str], legend: list[tuple[str, str]] | None = None) -> str:
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}">',
-        '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{_W / 2}" y="16" text-anchor="middle" font-family="sans-serif" font-size="13">{escape(title)}</text>',
-        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - 8}" y2="{_H - _PAD}" stroke="black"/>',
-        f'<line x1="{_PAD}" y1="24" x2="{_PAD}" y2="{_H - _PAD}" stroke="black"/>',
-        *body,
-    ]
-    for i, (label, color) in enumerate(legend or []):
-        y = 30 + 14 * i
-        parts.append(f'<rect x="{_W - 150}" y="{y - 9}" width="10" height="10" fill="{color}"/>')
-        parts.append(
-            f'<text x="{_W - 136}" y="{y}" font-family="sans-serif" font-size="11">{escape(label)}</text>'
+def _pyplot():
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), "wmtp-matplotlib"))
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10})
+    return plt
+
+
+def _svg(fig) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    fig.clear()
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def histogram_svg(counts: list[int], upper: float, title: str, xlabel: str = "token weight") -> str:
+    """Bars of `counts` over equal bins of [0, upper]."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 2.8))
+    width = upper / max(len(counts), 1)
+    ax.bar([i * width for i in range(len(counts))], counts, width=width, align="edge",
+           color=PALETTE[0], edgecolor="white")  # fmt: skip
+    ax.set(title=title, xlabel=xlabel, ylabel="tokens (last step)", xlim=(0, upper))
+    return _svg(fig)
+
+
+def line_chart_svg(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    ylabel: str,
+    xlabel: str = "optimizer step",
+    log_y: bool = True,
+) -> str:
+    """One line per series of (x, y) points; a log y axis for losses (positive values)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    for i, (name, points) in enumerate(series.items()):
+        points = [(x, y) for x, y in points if not log_y or y > 0]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, label=name, color=PALETTE[i % len(PALETTE)], linewidth=1.2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="both", alpha=0.25)
+    if series:
+        ax.legend(frameon=False)
+    return _svg(fig)
+
+
+def interval_chart_svg(
+    groups: dict[str, dict[str, dict]], title: str, ylabel: str = "pass@1"
+) -> str:
+    """Per group (benchmark), each experiment's mean with its [ci_low, ci_high] as an error bar."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.2 * max(len(groups), 1) + 0.8, 3.2),
+                             squeeze=False)  # fmt: skip
+    for ax, (group, experiments) in zip(axes[0], groups.items(), strict=False):
+        names = list(experiments)
+        means = [experiments[n]["mean"] for n in names]
+        low = [m - experiments[n]["ci_low"] for n, m in zip(names, means, strict=True)]
+        high = [experiments[n]["ci_high"] - m for n, m in zip(names, means, strict=True)]
+        colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+        ax.bar(range(len(names)), means, color=colors, alpha=0.35)
+        ax.errorbar(range(len(names)), means, yerr=[low, high], fmt="o", color="black",
+                    capsize=4)  # fmt: skip
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set(
+            title=group,
+            ylabel=ylabel,
+            ylim=(0, max(1.0, *[m + h for m, h in zip(means, high, strict=True)])),
         )
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def _axis_labels(x0: float, x1: float, y0: float, y1: float) -> list[str]:
-    fmt = "{:.3g}".format
-    return [
-        f'<text x="{_PAD}" y="{_H - _PAD + 14}" font-family="sans-serif" font-size="10">{fmt(x0)}</text>',
-        f'<text x="{_W - 8}" y="{_H - _PAD + 14}" text-anchor="end" font-family="sans-serif" font-size="10">{fmt(x1)}</text>',
-        f'<text x="{_PAD - 4}" y="{_H - _PAD}" text-anchor="end" font-family="sans-serif" font-size="10">{fmt(y0)}</text>',
-        f'<text x="{_PAD - 4}" y="30" text-anchor="end" font-family="sans-serif" font-size="10">{fmt(y1)}</text>',
-    ]
-
-
-def histogram_svg(counts: list[int], upper: float, title: str) -> str:
-    """Bars for equal-width bins over [0, upper]."""
-    top = max(max(counts, default=0), 1)
-    width = (_W - _PAD - 8) / max(len(counts), 1)
-    bars = []
-    for i, c in enumerate(counts):
-        h = (_H - _PAD - 24) * c / top
-        bars.append(
-            f'<rect x="{_PAD + i * width:.1f}" y="{_H - _PAD - h:.1f}" width="{width * 0.9:.1f}" height="{h:.1f}" fill="{PALETTE[0]}"/>'
-        )
-    return _frame(title, bars + _axis_labels(0, upper, 0, top))
-
-
-def line_chart_svg(series: dict[str, list[tuple[float, float]]], title: str) -> str:
-    """One polyline per named series of (x, y) points, common axes."""
-    points = [p for pts in series.values() for p in pts]
-    if not points:
-        return _frame(title, [])
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = (_W - _PAD - 8) / ((x1 - x0) or 1)
-    sy = (_H - _PAD - 24) / ((y1 - y0) or 1)
-    body, legend = [], []
-    for i, (name, pts) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        coords = " ".join(
-            f"{_PAD + (x - x0) * sx:.1f},{_H - _PAD - (y - y0) * sy:.1f}" for x, y in pts
-        )
-        body.append(
-            f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>'
-        )
-        legend.append((name, color))
-    return _frame(title, body + _axis_labels(x0, x1, y0, y1), legend)
-
-
-def interval_chart_svg(groups: dict[str, dict[str, dict]], title: str) -> str:
-    """Grouped bars with 95% intervals: groups (benchmarks) → series (experiments) →
-    {"mean", "ci_low", "ci_high"}, values in [0, 1]."""
-    names = list(dict.fromkeys(n for series in groups.values() for n in series))
-    colors = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
-    top = max(
-        [
-            1e-9,
-            *(
-                v["ci_high"]
-                for s in groups.values()
-                for v in s.values()
-                if v["ci_high"] == v["ci_high"]
-            ),
-        ]
-    )
-    slot = (_W - _PAD - 8) / max(len(groups), 1)
-    bar = slot * 0.8 / max(len(names), 1)
-    scale = (_H - _PAD - 24) / top
-    body = []
-    for g, (group, series) in enumerate(groups.items()):
-        x0 = _PAD + g * slot + slot * 0.1
-        body.append(
-            f'<text x="{x0 + slot * 0.4:.1f}" y="{_H - _PAD + 14}" text-anchor="middle" '
-            f'font-family="sans-serif" font-size="10">{escape(group)}</text>'
-        )
-        for i, name in enumerate(names):
-            v = series.get(name)
-            if v is None or v["mean"] != v["mean"]:
-                continue
-            x = x0 + i * bar
-            h = v["mean"] * scale
-            body.append(
-                f'<rect x="{x:.1f}" y="{_H - _PAD - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[name]}"/>'
-            )
-            cx, lo, hi = (
-                x + bar * 0.45,
-                _H - _PAD - v["ci_low"] * scale,
-                _H - _PAD - v["ci_high"] * scale,
-            )
-            body.append(
-                f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}" stroke="black"/>'
-            )
-            for y in (lo, hi):
-                body.append(
-                    f'<line x1="{cx - 3:.1f}" y1="{y:.1f}" x2="{cx + 3:.1f}" y2="{y:.1f}" stroke="black"/>'
-                )
-    return _frame(title, body + _axis_labels(0, 0, 0, top)[2:], [(n, colors[n]) for n in names])
+    fig.suptitle(title)
+    return _svg(fig)

@@ -110,7 +110,7 @@ BAD_INPUTS = [
     BadInput("assets-bad-step", "prepare_assets.py", "`--step ²`", "--step '²' is invalid"),
     BadInput("assets-missing-config", "prepare_assets.py", "`--config` missing", "file not found"),
     BadInput("assets-malformed-sums", "prepare_assets.py", "malformed SHA256SUMS line (`--step 9`)", "malformed line", 1),
-    BadInput("assets-corrupt-stamp", "prepare_assets.py", "corrupt `.verified.json` (`--step 9`): re-hashed, passes", "", 0),
+    BadInput("assets-corrupt-stamp", "prepare_assets.py", "corrupt `.verified.json` (`--step 9`): said, re-hashed, passes", ".verified.json is unreadable", 0),
     BadInput("prepare-unknown-dataset", "data.prepare", "`--dataset foo`", "argument --dataset"),
     BadInput("prepare-missing-source", "data.prepare", "`--source-dir` missing", "not found"),
     BadInput("prepare-max-length", "data.prepare", "`--max-length 10`", "--max-length 10 is invalid"),

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -203,12 +204,14 @@ class _KillingClient:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.faults PLAN_JSON train_wmtp.py ARGS...`: a training process with faults."""
-    plan = FaultPlan(**json.loads(argv[0]))
-    import train_wmtp
+    """`python -m tests.faults PLAN_JSON SCRIPT ARGS...`: `train_wmtp.py` (or `prepare_assets.py`,
+    whose step 5 trains through it) in a process with faults."""
+    import importlib
 
+    plan = FaultPlan(**json.loads(argv[0]))
+    script = importlib.import_module(Path(argv[1]).stem)
     with injected(plan):
-        return train_wmtp.main(argv[2:] if argv[1].endswith("train_wmtp.py") else argv[1:])
+        return script.main(argv[2:])
 
 
 if __name__ == "__main__":

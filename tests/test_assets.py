@@ -107,7 +107,10 @@ def write_config(path, root, hub_url, **extra) -> str:
                 "n_kv_heads": 2,
                 "multiple_of": 32,
                 "vocab_size": 1000,
-                "max_corpus_mb": 0.5,
+                "max_corpus_mb": 0.3,
+                "pretrain_tokens": 8192,
+                "pretrain_seq_len": 256,
+                "pretrain_micro_batch": 4,
             },
         },
     }
@@ -143,6 +146,9 @@ def test_full_pipeline_from_the_hub_then_idempotent(hub, tmp_path, capsys):
     for micro in ("micro-mtp", "micro-ref"):
         micro_meta = json.loads((storage / micro / "metadata.json").read_text())
         assert micro_meta["dtype"] == "float16" and micro_meta["init"].startswith("sliced from")
+        assert (
+            micro_meta["pretraining"]["steps"] == 8 and micro_meta["pretraining"]["tokens_seen"] > 0
+        )
     processed = tmp_path / "storage" / "datasets_v2"
     assert (processed / "codecontests" / "processed" / "train.jsonl").is_file()
     assert (processed / "mbpp" / "processed" / "test.jsonl").is_file()

@@ -125,5 +125,5 @@ def test_cli_writes_markdown_json_and_a_plot_with_training_facts(tmp_path, capsy
     text = (out / "comparison.md").read_text()
     assert "**significant**" in text and "Interval half-widths" in text
     assert "## Speculative decoding: tasks" in text and "spec_accept_pos1" in text
-    assert (out / "comparison.svg").read_text().startswith("<svg")
+    assert "<svg" in (out / "comparison.svg").read_text()[:500]  # matplotlib SVG
     assert main([f"x={tmp_path / 'nowhere'}", "--baseline", "x", "--out", str(out)]) == 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import IGNORE_INDEX, LoaderConfig, TrainLoader, head_labels
+from data.loader import IGNORE_INDEX, TOKEN_CLASSES, Batch, LoaderConfig, TrainLoader, head_labels
 from data.prepare import prepare
 from data.process import ProcessConfig
 from data.tokenized import load_tokenized
@@ -139,3 +139,38 @@ def test_tokenized_cache_hits_and_keys_on_settings(mbpp_train, tok):
         manifest_path.write_text(original)
     sample = data.sample(0)
     assert sample[0] == tok.bos_id and sample[-1] == tok.eos_id
+
+
+def test_batches_carry_host_counts_target_positions_and_token_classes(mbpp_train, tok):
+    _, data, _ = mbpp_train
+    cfg = LoaderConfig(seq_len=512, batch_size=3, n_heads=4, pad_id=tok.pad_id,
+                       eos_id=tok.eos_id, layout_ids=tok.layout_ids())  # fmt: skip
+    batch = TrainLoader(data, cfg).next_batch()
+    valid = batch.valid
+    for k in range(4):  # the same positions the labels say, counted on the host
+        flat = (batch.labels[..., k] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        assert torch.equal(batch.targets[k], flat) and batch.n_targets[k] == len(flat)
+    assert batch.n_tokens == int((batch.segment_ids >= 0).sum())
+    classes = batch.target_class
+    assert classes.shape == batch.labels.shape and (classes[~valid] == 0).all()
+    target = batch.labels.clamp(min=0)
+    eos = classes == TOKEN_CLASSES.index("eos")
+    assert torch.equal(eos, valid & (target == tok.eos_id))  # every target EOS, nothing else
+    first = classes[..., 0] == TOKEN_CLASSES.index("first")
+    n_samples = sum(len(ids) for ids in batch.sample_ids)
+    assert int(first.sum()) == n_samples  # head 0 targets each response's first token once
+    layout = classes == TOKEN_CLASSES.index("layout")
+    pieces = {tok.id_to_piece(int(i)) for i in target[layout].unique()}
+    text = {chr(int(p[3:5], 16)) if p.startswith("<0x") else p.replace("▁", " ") for p in pieces}
+    assert pieces and all(not t.strip() for t in text), pieces  # whitespace only
+    assert "<0x0A>" in pieces or "\n" in pieces  # newlines are layout
+
+
+def test_a_hand_built_batch_finds_its_own_targets():
+    labels = torch.full((1, 6, 2), IGNORE_INDEX)
+    labels[0, 2:5, 0] = 7
+    labels[0, 3, 1] = 8
+    batch = Batch(torch.zeros(1, 6, dtype=torch.long), labels, torch.zeros(1, 6, dtype=torch.long),
+                  torch.ones(1, 6, dtype=torch.bool), [["x"]])  # fmt: skip
+    assert batch.targets[0].tolist() == [2, 3, 4] and batch.targets[1].tolist() == [3]
+    assert batch.n_targets == (3, 1) and batch.n_tokens == 6

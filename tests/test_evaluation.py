@@ -308,3 +308,23 @@ def test_training_template_prompts_ask_for_a_correct_solution(mbpp_path):
     assert "Label:" not in plain
     assert "Label: correct solution." in humaneval_problems(style="alpaca")[0].prompt
     assert "Label:" not in mbpp_problems(mbpp_path, ids=[11])[0].prompt  # standard 3-shot: none
+
+
+def test_the_summary_says_how_samples_ended_and_how_many_are_python():
+    from evaluation.scoring import parses, summarize
+
+    rows = [
+        {"task_id": "a", "sample": 0, "passed": True, "status": "passed", "stopped": True,
+         "parses": True},
+        {"task_id": "a", "sample": 1, "passed": False, "status": "timeout", "stopped": False,
+         "parses": True},
+        {"task_id": "b", "sample": 0, "passed": False, "status": "failed", "stopped": False,
+         "parses": False},
+        {"task_id": "b", "sample": 1, "passed": False, "status": "failed", "stopped": True,
+         "parses": False},
+    ]  # fmt: skip
+    summary = summarize(rows, [1], {})
+    assert summary["stopped_share"] == 0.5 and summary["timeout_share"] == 0.25
+    assert summary["parse_share"] == 0.5 and summary["pass@k"]["pass@1"] == 0.25
+    assert parses("def f(x):\n    return x\n") and not parses("def power_____s):\n    if x x")
+    assert not parses("(" * 10_000)  # too deeply nested: a verdict, not a crash

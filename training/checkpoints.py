@@ -1,5 +1,5 @@
 """The checkpoint manager: it owns what a checkpoint holds (model, optimizer, the critic's value
-head, the loader's cursor, `TrainState`) and every policy about it, so the loop only says
+head and its optimizer, the loader's cursor, `TrainState`) and every policy about it, so the loop only says
 `checkpoints.save(step, best=..., last=...)`.
 
     when         every `checkpoint.every_steps`, at a new best `checkpoint.best_metric`, at the
@@ -24,7 +24,7 @@ from torch import nn
 from data.loader import TrainLoader
 from runtime.config import S3Config
 from runtime.errors import EXIT_NAN, StorageError
-from training.checkpoint_store import CheckpointStore
+from training.checkpoint_store import CheckpointStore, Extras
 from training.distributed import DistInfo
 from training.failures import TrainingFailure
 from training.mirror import CheckpointMirror, restore_from_mirror
@@ -40,7 +40,7 @@ class Checkpoints:
         info: DistInfo,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        extra_modules: dict[str, nn.Module],
+        extras: Extras,
         loader: TrainLoader,
         state: TrainState,
         s3: S3Config | None = None,
@@ -48,7 +48,7 @@ class Checkpoints:
     ):
         self.store = CheckpointStore(root, info, section.keep_last, section.check_free_space)
         self.section, self.info = section, info
-        self.model, self.optimizer, self.extra_modules = model, optimizer, extra_modules
+        self.model, self.optimizer, self.extras = model, optimizer, extras
         self.loader, self.state = loader, state
         mirrored = s3 is not None and s3.checkpoints
         self.mirror = CheckpointMirror(s3, run_name) if mirrored and info.is_main else None
@@ -74,9 +74,7 @@ class Checkpoints:
         return True
 
     def _load(self, path: Path, restore_rng: bool) -> None:
-        trainer_state = self.store.load(
-            path, self.model, self.optimizer, self.extra_modules, restore_rng
-        )
+        trainer_state = self.store.load(path, self.model, self.optimizer, self.extras, restore_rng)
         self.state.load_state_dict(trainer_state)
         self.loader.load_state_dict(self.state.loader)
         self._saved_best = (self.state.best_val, self.state.best_step)
@@ -116,7 +114,7 @@ class Checkpoints:
         self.state.loader = self.loader.state_dict()
         try:
             path = self.store.save(
-                step, self.model, self.optimizer, self.state.state_dict(), self.extra_modules
+                step, self.model, self.optimizer, self.state.state_dict(), self.extras
             )
         except StorageError as exc:
             if last or self.section.periodic_save_failure == "stop":

@@ -97,6 +97,7 @@ class TrainSection:
     lr_recovery_steps: int = 100  # clean steps after which a halved LR doubles back (0: never)
     oom_auto_shrink: bool = True
     eval_every: int = 0  # steps between validation-loss evaluations (0: never)
+    eval_at_start: bool = True  # one before the first step too: where fine-tuning starts from
     eval_batches: int = 8
     eval_pass_every: int = 0  # steps between pass@1 evaluations on `eval_pass` problems (0: never)
     early_stop_patience: int = (

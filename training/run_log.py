@@ -20,7 +20,16 @@ class StepLog:
     stage under way shows `[train] step/total steps, rate, ETA | loss, tokens/s` at least every
     ~10 s of wall time on rank 0 (a heartbeat while one step runs longer than that)."""
 
-    SHOWN = ("loss", "value_loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
+    SHOWN = (
+        "loss",
+        "value_loss",
+        "val_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "explained_variance",
+        "critic_explained_variance",
+    )
 
     def __init__(self, history: list[dict], tracker: Tracker, every: int, is_main: bool):
         self.history, self.tracker, self.every, self.is_main = history, tracker, every, is_main
@@ -52,7 +61,8 @@ class StepLog:
                 for k, v in metrics.items()
                 if k.removeprefix("stage1_") in self.SHOWN
             )
-            self._print(f"[{stage} {step}] {shown}")
+            if shown:
+                self._print(f"[{stage} {step}] {shown}")
 
     def _print(self, text: str) -> None:
         if self.progress is not None:

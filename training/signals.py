@@ -7,7 +7,7 @@ on the detached trunk output by one explicit call in the step (`Signals.inputs`)
                       forward of the reference model
     td_error          the critic's TD errors from the value head on the trunk
 
-`build_signals` makes the whole object in one call, with exactly the sources the weighter needs.
+`training.run` builds the object in one call, with exactly the sources the weighter needs.
 """
 
 from __future__ import annotations
@@ -17,16 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from data.loader import Batch
-from model.args import ModelArgs
 from model.transformer import Transformer
 from runtime.precision import autocast
-from training.critic import Critic, build_critic
-from training.distributed import DistInfo
+from training.critic import Critic
 from training.loss import head_ce_map
-from training.recipe import Recipe
 from training.reference import reference_next_token_ce
-from training.setup import build_training_model, load_reference_files
-from weighting import Signal, WeightingInputs, align_to_heads, td_errors, terminal_rewards
+from weighting import Signal, WeightingInputs, align_to_heads
 
 
 @torch.no_grad()
@@ -109,38 +105,6 @@ class Signals:
         return align_to_heads(ce, self.n_heads)
 
     def td_errors(self, batch: Batch, trunk: torch.Tensor) -> torch.Tensor:
-        """(bsz, seq, n_heads): TD errors of the value head, aligned to the heads."""
-        response = batch.valid[..., 0]
-        values = self.critic.value_head(trunk)
-        rewards = terminal_rewards(response, batch.token_is_correct, self.critic.config)
-        delta = td_errors(rewards, values, response, self.critic.config.gamma)
-        return align_to_heads(delta, self.n_heads, fill=0.0)
-
-
-def build_signals(
-    needs: tuple[Signal, ...],
-    recipe: Recipe,
-    model: Transformer,
-    base: ModelArgs,
-    info: DistInfo,
-    dtype: torch.dtype,
-    use_fsdp: bool,
-) -> Signals:
-    """The signals of a run: the online reference (rho1, `reference_source: online`) and the
-    critic (critic-wmtp) loaded here; precomputed reference CE arrives on the batches."""
-    reference = critic = None
-    if "reference_ce" in needs and recipe.weighting.reference_source == "online":
-        ref_args, ref_weights = load_reference_files(recipe.model, base)
-        reference = build_training_model(ref_args, ref_weights, info, dtype, use_fsdp, False)
-    if "td_error" in needs:
-        critic = build_critic(base.dim, recipe.weighting.critic, info.device)
-    return Signals(
-        model,
-        needs,
-        base.n_future_tokens,
-        recipe.train.ce_chunk_size,
-        dtype,
-        isolate_samples=recipe.data.pack,
-        reference=reference,
-        critic=critic,
-    )
+        """(bsz, seq, n_heads): TD errors of the value head, aligned to the heads (zeros from a
+        critic that fell back to uniform weights: every token then weighs the same)."""
+        return align_to_heads(self.critic.td_errors(trunk, batch), self.n_heads, fill=0.0)

@@ -29,6 +29,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     stage1_step: int = 0  # critic stage-1 steps done
     stage1_explained_variance: float | None = None  # of the value head, on held-out batches
+    stage1_done: bool = False  # stage 1 finished (and, with a minimum, judged)
+    critic_uniform: bool = False  # a weak critic: stage 2 runs with uniform weights
     run_id: str | None = None
     best_val: float | None = None  # best value of checkpoint.best_metric so far
     best_step: int | None = None  # the checkpoint holding it

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from data.loader import Batch
+from data.loader import TOKEN_CLASSES, Batch
 from runtime.precision import autocast
 from training.distributed import DistInfo, all_reduce_tensor
 from training.loss import MTPLossResult
@@ -100,6 +100,7 @@ class StepTotals:
         self.weight_sums = torch.zeros(6 + N_BINS, **f64)
         self.weight_extremes = torch.full((2,), -math.inf, **f64)
         self.weight_error = torch.zeros((), **f64)
+        self.by_class = torch.zeros(2, len(TOKEN_CLASSES), **f64)  # Σ weight, count per class
         self.first: tuple[Batch, torch.Tensor] | None = None  # the report's sample
 
     @property
@@ -138,42 +139,73 @@ class StepTotals:
             self.weight_error = torch.maximum(
                 self.weight_error, mean_error(weights, valid, self.config)
             )
+        if batch.target_class is not None:  # which kinds of token an algorithm emphasises
+            index = batch.target_class.flatten().long()
+            on = valid.flatten().double()
+            self.by_class[0].index_add_(0, index, weights.flatten().double() * on)
+            self.by_class[1].index_add_(0, index, on)
 
     def reduce(self, grad_norm: torch.Tensor, info: DistInfo) -> StepSummary:
-        """Sums over ranks, reads everything in one go, and checks the weights' invariants
+        """Sums (and maxima) over ranks, read in one go, and the weights' invariants checked
         (raises WeightingError when normalised weights broke them)."""
         device = self.loss.device
-        counts = torch.tensor([*self.ce_count, self.tokens], dtype=torch.float64, device=device)
-        flat = torch.cat(
-            [self.loss[None], self.ce_sum, counts, self.scores, self.kept, self.weight_sums]
-        )
-        flat = all_reduce_tensor(flat, info)
-        top = all_reduce_tensor(
-            torch.cat([self.weight_extremes, self.weight_error[None]]), info, "max"
-        )
-        values = torch.cat([flat, top, grad_norm.detach().double().reshape(1)]).tolist()
-        n = len(self.ce_count)
-        loss, ce_sum, counts = values[0], values[1 : 1 + n], values[1 + n : 2 + 2 * n]
-        rest = values[2 + 2 * n :]
-        (count, total, squares, nonfinite), (kept, valid) = rest[:4], rest[4:6]
-        sums, (w_max, w_neg_min, error, norm) = rest[6:-4], rest[-4:]
+        summed = {
+            "loss": self.loss,
+            "ce_sum": self.ce_sum,
+            "ce_count": torch.tensor(self.ce_count, dtype=torch.float64, device=device),
+            "tokens": torch.tensor(float(self.tokens), dtype=torch.float64, device=device),
+            "scores": self.scores,  # n, Σs, Σs², non-finite
+            "kept": self.kept,  # valid with weight > 0, valid
+            "class_weight": self.by_class[0],
+            "class_count": self.by_class[1],
+            "weight_sums": self.weight_sums,
+        }
+        largest = {"weight_extremes": self.weight_extremes, "weight_error": self.weight_error}
+        v = read_once({**reduced(summed, info, "sum"), **reduced(largest, info, "max"),
+                       "grad_norm": grad_norm})  # fmt: skip
+        (count, total, squares, nonfinite), (kept, valid) = v["scores"], v["kept"]
         diagnostics = {"weight_selected_fraction": kept / max(valid, 1)}
+        for name, w_sum, n in zip(TOKEN_CLASSES, v["class_weight"], v["class_count"], strict=True):
+            if n:
+                diagnostics[f"weight_mean_{name}"] = w_sum / n
         if count:
             mean = total / count
             std = math.sqrt(max(squares / count - mean**2, 0.0))
             diagnostics |= {"score_mean": mean, "score_std": std, "score_nonfinite": nonfinite}
         summary = StepSummary(
-            loss=loss,
-            grad_norm=norm,
-            head_ce=[s / max(c, 1) for s, c in zip(ce_sum, counts[:n], strict=True)],
-            tokens=counts[n],
-            weight_stats=stats_from_sums(sums, [w_max, w_neg_min], self.config.max_weight),
-            weight_error=error,
+            loss=v["loss"][0],
+            grad_norm=v["grad_norm"][0],
+            head_ce=[s / max(c, 1) for s, c in zip(v["ce_sum"], v["ce_count"], strict=True)],
+            tokens=v["tokens"][0],
+            weight_stats=stats_from_sums(
+                v["weight_sums"], v["weight_extremes"], self.config.max_weight
+            ),
+            weight_error=v["weight_error"][0],
             diagnostics=diagnostics,
         )
         if self.weighter.normalised:
-            check_mean_error(error, self.config)
+            check_mean_error(summary.weight_error, self.config)
         return summary
+
+
+def reduced(parts: dict[str, torch.Tensor], info: DistInfo, op: str) -> dict[str, torch.Tensor]:
+    """Each named tensor reduced over ranks (`sum` or `max`) in one collective."""
+    flat = torch.cat([t.detach().double().flatten() for t in parts.values()])
+    flat = all_reduce_tensor(flat, info, op)
+    sizes = [t.numel() for t in parts.values()]
+    return dict(zip(parts, flat.split(sizes), strict=True))
+
+
+def read_once(parts: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Named device tensors read on the host together: the step's one synchronisation."""
+    flat = torch.cat(
+        [t.detach().double().flatten().to(parts["loss"].device) for t in parts.values()]
+    )
+    values, sizes = flat.tolist(), [t.numel() for t in parts.values()]
+    out, start = {}, 0
+    for name, size in zip(parts, sizes, strict=True):
+        out[name], start = values[start : start + size], start + size
+    return out
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
@@ -191,6 +223,7 @@ def step_metrics(
         "loss": summary.loss,
         "lr": lr,
         "grad_norm": summary.grad_norm,
+        "tokens": summary.tokens,
         "tokens_per_s": summary.tokens / seconds,
         "step_time_s": seconds,
         "mfu": flops_per_token * summary.tokens / seconds / peak_flops,

@@ -1,5 +1,7 @@
 """Evaluation during training: the validation loss (unweighted CE per head) every
-`train.eval_every` steps and pass@1 by execution every `train.eval_pass_every` steps."""
+`train.eval_every` steps — and once before the first step, where fine-tuning starts from —,
+critic-wmtp's explained variance with it (so that a value head drifting from the trunk shows),
+and pass@1 by execution every `train.eval_pass_every` steps."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import torch
 
 from data.loader import TrainLoader
 from runtime.precision import autocast
+from training.critic import explained_variance
 from training.distributed import DistInfo, all_reduce_sum
 from training.execution_eval import PassAtOne, tracked_name
 from training.loss import chunked_head_ce
@@ -49,8 +52,9 @@ def validation_loss(
 
 class Validation:
     """`validation(model, step)` → the evaluations due at `step` ({} when none): `val_loss`,
-    `val_ce_head{k}` and `pass@1` (with `eval_pass_seconds`). The validation loader is built
-    once and rewound each time, so every evaluation reads the same batches."""
+    `val_ce_head{k}`, `critic_explained_variance` (critic-wmtp) and `pass@1` (with
+    `eval_pass_seconds`). The validation loader is built once and rewound each time, so every
+    evaluation reads the same batches."""
 
     def __init__(self, run: Run):
         self.run, self.train = run, run.recipe.train
@@ -63,15 +67,16 @@ class Validation:
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         values, run = {}, self.run
         if self.train.eval_every and step % self.train.eval_every == 0 and run.validation:
-            values |= validation_loss(
-                model,
-                run.validation.rewind(),
-                self.train,
-                run.dtype,
-                run.info,
-                run.recipe.data.pack,
-            )
-        if self.pass_at_1 is not None and step % self.train.eval_pass_every == 0:
+            pack = run.recipe.data.pack
+            loader = run.validation.rewind()
+            values |= validation_loss(model, loader, self.train, run.dtype, run.info, pack)
+            critic = run.signals.critic
+            if critic is not None and not critic.uniform:
+                values["critic_explained_variance"] = explained_variance(
+                    model, critic.value_head, run.validation.rewind(), self.train.eval_batches,
+                    critic.config, run.dtype, run.info, pack,
+                )  # fmt: skip
+        if self.pass_at_1 is not None and step > 0 and step % self.train.eval_pass_every == 0:
             values |= self.pass_at_1(model, step)
         return values
 

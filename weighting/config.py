@@ -57,14 +57,28 @@ class NormalizeConfig:
 
 @dataclass(frozen=True)
 class CriticConfig:
-    """critic-wmtp: sequence rewards, GAE and the stage-1 regression of the value head."""
+    """critic-wmtp: sequence rewards, GAE, the value head's stage-1 regression and its checks.
+
+    min_explained_variance: after `stage1_steps` the value head must explain at least this share
+        of the held-out return variance; below it stage 1 keeps training (a quarter of
+        `stage1_steps` at a time) up to `stage1_max_steps`, then the run stops
+        (`on_weak_critic: stop`) or trains on with uniform weights (`uniform`), said in the log
+        and the report.
+    stage2_value_lr: > 0 keeps the value head learning during stage 2 (an auxiliary MSE on the
+        GAE returns of the current trunk, its own AdamW at this LR), so that it follows the trunk
+        as it changes; 0 freezes it after stage 1.
+    """
 
     gamma: float = 1.0
     gae_lambda: float = 0.95
     reward_correct: float = 1.0
     reward_incorrect: float = 0.0
     stage1_steps: int = 200
+    stage1_max_steps: int = 0  # 0: stage1_steps (no extension)
     value_lr: float = 1e-3
+    min_explained_variance: float = 0.0
+    on_weak_critic: Literal["stop", "uniform"] = "stop"
+    stage2_value_lr: float = 0.0
 
     def __post_init__(self) -> None:
         w = "weighting.critic"
@@ -72,7 +86,35 @@ class CriticConfig:
             value = getattr(self, name)
             require(0 <= value <= 1, f"{w}.{name}", value, "must be in [0, 1]")
         require(self.stage1_steps >= 0, f"{w}.stage1_steps", self.stage1_steps, "must be >= 0")
+        require(
+            self.stage1_max_steps == 0 or self.stage1_max_steps >= self.stage1_steps,
+            f"{w}.stage1_max_steps",
+            self.stage1_max_steps,
+            f"must be 0 or >= stage1_steps ({self.stage1_steps})",
+        )
         require(self.value_lr > 0, f"{w}.value_lr", self.value_lr, "must be > 0")
+        require(
+            math.isfinite(self.min_explained_variance) and self.min_explained_variance < 1,
+            f"{w}.min_explained_variance",
+            self.min_explained_variance,
+            "must be below 1 (0: no check)",
+        )
+        require(
+            self.on_weak_critic in ("stop", "uniform"),
+            f"{w}.on_weak_critic",
+            self.on_weak_critic,
+            "allowed 'stop', 'uniform'",
+        )
+        require(
+            self.stage2_value_lr >= 0,
+            f"{w}.stage2_value_lr",
+            self.stage2_value_lr,
+            "must be >= 0 (0: the value head is frozen in stage 2)",
+        )
+
+    @property
+    def stage1_cap(self) -> int:
+        return max(self.stage1_max_steps, self.stage1_steps)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from weighting.normalize import normalize_per_head
 class ValueHead(nn.Module):
     """V(s_t): a linear map of the trunk's hidden state at position t to a scalar."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device: torch.device | str | None = None):
         super().__init__()
-        self.proj = nn.Linear(dim, 1)
+        self.proj = nn.Linear(dim, 1, device=device)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
